@@ -1,0 +1,70 @@
+"""The results table: our figures, the 2011 baseline's, and the ratios."""
+
+
+def _f(v, digits=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _ratio(a, b, digits=2):
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:,.{digits}f}x"
+
+
+def rows(r, s):
+    out = []
+    for n in s["live"]:
+        for p in ("p50", "p99"):
+            ours, base = r.get(f"syn_to_rule_{p}_ms_{n}"), r.get(f"base_syn_to_rule_{p}_ms_{n}")
+            ref = r.get(f"ref_connect_{p}_ms")
+            if ours and base:
+                versus = _ratio(base, ours, 1) + " faster" if base >= ours else _ratio(ours, base, 1) + " slower"
+            else:
+                versus = "-"
+            out.append((f"SYN seen to rules live {p}, ms, {n:,} live", ours, base, versus, ref,
+                        f"+{ours - ref:.2f} ms" if ours is not None and ref is not None else "-"))
+    n = s["live"][-1]
+    out.append((f"harvest, closed conn/s ({r.get('harvest_k')} closed at once, {n:,} live)", r.get("harvest_per_s"),
+                r.get("base_harvest_per_s"), _ratio(r.get("harvest_per_s"), r.get("base_harvest_per_s"), 1), None, "-"))
+    out.append(("  the same from the service's own harvest timer (/metrics)", r.get("harvest_busy_per_s"), None, "-",
+                None, "-"))
+    out.append((f"sustained new tracked conn/s ({s['churn_secs']} s, {n:,} live)", r.get("conn_per_s"),
+                r.get("base_conn_per_s"), _ratio(r.get("conn_per_s"), r.get("base_conn_per_s"), 1),
+                r.get("ref_conn_per_s"), _ratio(r.get("conn_per_s"), r.get("ref_conn_per_s"))))
+    out.append(("  of them missed (not logged with their bytes)",
+                f"{r.get('missed')} of {r.get('conn_made')}", f"{r.get('base_missed')} of {r.get('base_conn_made')}",
+                "-", None, "-"))
+    out.append(("  baseline capacity if connections outlived netstat (1 / (SYN-to-rules + harvest))", None,
+                r.get("base_capacity_per_s"), _ratio(r.get("conn_per_s"), r.get("base_capacity_per_s"), 1), None,
+                "-"))
+    for key, label in (("tso", "TSO on"), ("1500", "1,500-byte packets")):
+        ref = r.get(f"ref_gbps_{key}")
+        for kind, prefix in (("untracked flow, passes all rules", "gbps"), ("tracked flow, newest rules",
+                                                                            "gbps_tracked")):
+            ours = r.get(f"{prefix}_{key}")
+            out.append((f"iperf3 Gbit/s, {label}, {kind} ({n:,} live)", ours, None, "-", ref, _ratio(ours, ref, 3)))
+    m = r.get("rss_at_connections")
+    out.append((f"service RSS, MB ({m} tracked)", r.get("rss_mb"), None, "-", None, "-"))
+    out.append((f"service RSS, MB ({n:,} tracked)", r.get(f"rss_mb_{n}"), None, "-", None, "-"))
+    for label, key in (("0", "idle_cpu_pct_0"), (f"{n:,}", f"idle_cpu_pct_{n}"), (f"{m}", "idle_cpu_pct")):
+        out.append((f"service idle CPU, % of a core ({label} tracked)", r.get(key), None, "-", None, "-"))
+    out.append((f"open rate, conn/s (up to {n:,} held, 128 at once)", r.get(f"open_per_s_{n}"), None, "-", None, "-"))
+    out.append((f"shutdown, s ({r.get('shutdown_connections')} live harvested)", r.get("shutdown_s"), None, "-",
+                None, "-"))
+    return out
+
+
+def table(r, s):
+    head = ("measurement", "NetProfiler", "2011 baseline", "ours vs baseline", "rule-free", "ours vs rule-free")
+    body = [tuple(_f(c) for c in row) for row in rows(r, s)]
+    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    out = [line, sep]
+    for row in body:
+        out.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+    return "\n".join(out)

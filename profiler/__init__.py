@@ -1,0 +1,1 @@
+"""NetProfiler: exact per-connection network accounting for batch-system jobs."""

@@ -1,0 +1,105 @@
+"""Which tracked process owns a socket: known members first, the job's process trees when needed.
+
+A mixin of the Profiler: it runs on the profiler thread and uses its tables.
+"""
+from .errors import NotFound
+from .model import TrackedProcess
+
+# Pauses between looks for the process that accepted an inbound connection: dense at first,
+# because a forked worker may serve a short connection within milliseconds.
+RESOLVE_DELAYS = (0.001, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.5)
+
+
+class Attribution:
+    def _owner(self, family, local, remote, outgoing):
+        """The tracked process that owns this side of the connection, if any."""
+        if not self.procs:
+            return None
+        info = self.sockets.get(family, local[0], local[1], remote[0], remote[1])
+        if not outgoing and (info is None or info.inode == 0):
+            info = self.sockets.listener(family, local[0], local[1])
+        if info is None or info.inode == 0:
+            return None
+        return self._holder(info.inode, info.uid)
+
+    def _holder(self, inode, uid, children_first=False):
+        """The tracked process holding socket `inode`, or None.
+
+        Known members are looked at first; the job's process trees are walked again only when none
+        of them holds it, because a process may have forked since we last looked.
+        """
+        for attempt in range(2):
+            known = [p.pid for p in self.procs.values() if p.ident.uid == uid]
+            # The processes that opened connections last first: one that opens a connection usually
+            # opens more, and each look is a walk of one process's file descriptors.
+            known.sort(key=lambda pid: (self.procs[pid].registered if children_first else 0,
+                                        -self._last_owner.get(pid, 0)))
+            pid = self.processes.owner_of(inode, known) if known else None
+            if pid is not None:
+                self._last_owner[pid] = next(self._owner_clock)
+                return self.procs[pid]
+            if attempt == 0 and not self._adopt_descendants():
+                return None
+        return None
+
+    def _adopt_descendants(self):
+        """Every living descendant of a tracked process joins its job; returns how many were new.
+
+        With MEMBERSHIP = cgroup, so does every process in a job's cgroup (daemons, double forks)."""
+        new = 0
+        for job in self.jobs.values():
+            if not job.cgroup:
+                continue
+            for pid in self.processes.cgroup_members(job.cgroup) - set(self.procs):
+                try:
+                    ident = self.processes.identity(pid)
+                except NotFound:
+                    continue
+                self.procs[pid] = TrackedProcess(ident, job.job_id, registered=False,
+                                                 root=min(job.roots) if job.roots else pid)
+                self._dirty_procs.add(pid)
+                new += 1
+        stack = list(self.procs)
+        while stack:
+            parent = stack.pop()
+            for child in self.processes.children(parent):
+                if child in self.procs:
+                    continue
+                if self._adopt(child, parent) is not None:
+                    new += 1
+                    stack.append(child)
+        return new
+
+    def resolve_accepted(self, force=False):
+        """Attribute accepted connections to the process holding the accepted socket."""
+        now = self.clock.monotonic()
+        for cid, entry in list(self._unresolved.items()):
+            conn, attempts, due = entry
+            if not force and now < due:
+                continue
+            info = self.sockets.get(conn.family, conn.local, conn.lport, conn.remote, conn.rport)
+            if info is not None and info.inode and info.state != "LISTEN":
+                # Children first: after accept-then-fork both hold the socket for a moment, and the
+                # child is the one that serves it. Later looks overrule earlier ones.
+                tracked = self._holder(info.inode, info.uid, children_first=True)
+                if tracked is not None and tracked.job == conn.job:
+                    conn.pid = tracked.pid
+            attempts += 1
+            if attempts >= len(RESOLVE_DELAYS):
+                del self._unresolved[cid]
+            else:
+                entry[1], entry[2] = attempts, now + RESOLVE_DELAYS[attempts]
+
+    def _adopt(self, pid, ancestor):
+        """A descendant of a tracked process: it joins the job of its tracked ancestor."""
+        try:
+            ident = self.processes.identity(pid)
+        except NotFound:
+            return None
+        parent = self.procs.get(ancestor)
+        if parent is None:
+            return None
+        child = TrackedProcess(ident, parent.job, registered=False, root=parent.root)
+        self.procs[pid] = child
+        self._dirty_procs.add(pid)
+        return child

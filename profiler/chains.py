@@ -1,0 +1,115 @@
+"""The layout of our chains: names, the tree a packet walks, and the comment on each rule.
+
+Pure logic, no netfilter calls. With thousands of live connections a flat chain
+makes every packet walk thousands of rules (5-15 ns each). Instead each
+direction's chain dispatches on port ranges, two levels deep, to leaf chains
+that hold the per-connection rules:
+
+  NETPROF_I_<iface>        (jumped to from INPUT)     -p tcp --dport 32768:36863 -j NETPROF_ILx8_<iface>
+  NETPROF_ILx8_<iface>     (4,096 ports)              -p tcp --dport 32768:33023 -j NETPROF_IL80_<iface>
+  NETPROF_IL80_<iface>     (256 ports, a leaf)        one rule per connection
+
+A connection is filed under its larger port, the one that varies between
+connections (the ephemeral port): block L when that is the local port (as for
+outgoing connections), block R when it is the remote one (a tracked server's
+clients). A packet walks at most 16 + 16 dispatch rules a block, then a leaf
+of a few dozen connections, instead of every rule.
+"""
+import re
+import sys
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+PREFIX = "NETPROF"
+CT_CHAIN = f"{PREFIX}_CT"
+HOLD_OUT, HOLD_IN = f"{PREFIX}_HOLD_O", f"{PREFIX}_HOLD_I"
+_TREE = re.compile(rf"^{PREFIX}_([IO])([LR])(x[0-9a-f]|[0-9a-f]{{2}})_(.+)$")
+_TOP = re.compile(rf"^{PREFIX}_([IO])_(.+)$")
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    cid: str
+    interface: str
+    family: int
+    local: str
+    lport: int
+    remote: str
+    rport: int
+    pid: int = 0
+    job: str = ""
+
+    def comment(self):
+        # Enough to attribute the counters after a crash; the kernel caps comments at 255 chars.
+        return f"netprof {self.cid} {self.pid} {quote(self.job, safe='')}"[:255]
+
+
+@dataclass(frozen=True)
+class Counters:
+    in_packets: int = 0
+    in_bytes: int = 0
+    out_packets: int = 0
+    out_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One dispatch rule: in `chain`, TCP packets whose `field` port is in lo..hi go to `target`."""
+    chain: str
+    field: str
+    lo: int
+    hi: int
+    target: str
+
+
+def chain_names(interface):
+    return f"{PREFIX}_I_{interface}", f"{PREFIX}_O_{interface}"
+
+
+def path(spec, direction):
+    """(hops, leaf) for the rule of `spec` in `direction` ("I" inbound, "O" outbound)."""
+    if spec.lport >= spec.rport:
+        block, port = "L", spec.lport
+        field = "dport" if direction == "I" else "sport"
+    else:
+        block, port = "R", spec.rport
+        field = "sport" if direction == "I" else "dport"
+    top = f"{PREFIX}_{direction}_{spec.interface}"
+    mid = f"{PREFIX}_{direction}{block}x{port >> 12:x}_{spec.interface}"
+    leaf = f"{PREFIX}_{direction}{block}{port >> 8:02x}_{spec.interface}"
+    lo1, lo2 = port >> 12 << 12, port >> 8 << 8
+    return (Hop(top, field, lo1, lo1 + 4095, mid), Hop(mid, field, lo2, lo2 + 255, leaf)), leaf
+
+
+def chain_info(name):
+    """("top" | "mid" | "leaf", direction, interface) of one of our rule chains, else None."""
+    m = _TREE.match(name)
+    if m:
+        return ("mid" if m.group(3).startswith("x") else "leaf"), m.group(1), m.group(4)
+    m = _TOP.match(name)
+    if m and name not in (HOLD_OUT, HOLD_IN):
+        return "top", m.group(1), m.group(2)
+    return None
+
+
+def parse_comment(text):
+    parts = text.split(" ")
+    if len(parts) != 4 or parts[0] != "netprof":
+        return None
+    try:
+        return parts[1], int(parts[2]), unquote(parts[3])
+    except ValueError:
+        return None
+
+
+def comment_of(raw, offset):
+    """The comment match's text in a raw entry: its matches (xt_entry_match: u16 size, 29-byte name,
+    u8 revision, then data) run from the end of the entry header to the target."""
+    while offset + 32 <= len(raw):
+        size = int.from_bytes(raw[offset:offset + 2], sys.byteorder)
+        if size < 32:
+            break
+        if raw[offset + 2:offset + 31].split(b"\0", 1)[0] == b"comment":
+            return raw[offset + 32:offset + size].split(b"\0", 1)[0].decode("utf-8", "replace")
+        offset += size
+    return ""

@@ -1,0 +1,533 @@
+"""The profiler: one thread that owns the job, process and connection tables.
+
+Capture threads and API handlers never touch the tables; they hand events and
+requests to this thread through one queue. Requests carry a Future that the
+caller waits on with a timeout. Every pass of the loop handles what is queued,
+then makes all the netfilter changes it collected in one batch (the firewall
+adapter commits once per address family), then writes the harvested records.
+"""
+import itertools
+import logging
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from .attribution import RESOLVE_DELAYS, Attribution
+from .errors import FirewallError, NotReady, ProfilerError
+from .firewall import Counters, RuleSpec
+from .model import Connection, Record
+from .requests import Requests
+from .restart import Restart
+from .sockdiag import LIVE_STATES
+
+log = logging.getLogger("netprofiler")
+
+
+class _Request:
+    __slots__ = ("name", "args", "future")
+
+    def __init__(self, name, args):
+        self.name, self.args, self.future = name, args, Future()
+
+
+class _Stop:
+    pass
+
+
+class Profiler(Attribution, Restart, Requests):
+    def __init__(self, config, firewall, processes, sockets, sink, clock, conntrack=None, queue_size=100_000,
+                 store=None):
+        self.store = store
+        # What the durable store still has to learn, written in the next flush.
+        self._dirty_jobs, self._dropped_jobs = set(), set()
+        self._dirty_procs, self._dropped_procs = set(), set()
+        self._new_records = []
+        self._next_verify = 0.0
+        self._next_scan = 0.0
+        self.config = config
+        self.firewall = firewall
+        self.processes = processes
+        self.sockets = sockets
+        self.sink = sink
+        self.clock = clock
+        self.conntrack = conntrack
+        self.jobs = {}
+        self.procs = {}        # pid -> TrackedProcess
+        self.conns = {}        # key -> Connection
+        self._queue = queue.Queue(maxsize=queue_size)
+        self._pending_add = {}      # cid -> (Connection, RuleSpec)
+        self._pending_remove = {}   # cid -> (Connection, RuleSpec)
+        self._held_releases = []
+        self._ifnames = {}
+        self._listen_ports = set()
+        self._unresolved = {}     # cid -> [Connection, attempts, next attempt (monotonic)]
+        self._last_owner = {}     # pid -> when it last owned a new connection (a counter)
+        self._owner_clock = itertools.count(1)
+        self._ids = itertools.count(1)
+        # Connection ids stay unique across restarts: rules of an earlier run may still be found.
+        self._run_id = f"{int(clock.time()) & 0xFFFFFFF:x}."
+        self._thread = None
+        self.restarts = 0
+        self._next_sweep = 0.0
+        self._sweep_cursor = 0
+        self.stats = {"events": 0, "events_dropped": 0, "untracked_full": 0, "gc_runs": 0,
+                      "harvested": 0, "errors": 0}
+        self.capture_status = {}   # interface -> dict, set by the service
+        self.capture_stats = dict  # () -> {interface: {received, dropped, if_dropped}}, set by the service
+        self.observe_harvest = lambda seconds: None   # set by the metrics
+        self._ended_jobs = {}      # job id -> (in bytes, out bytes, when it ended): metrics keep them a while
+
+    # --- thread plumbing ------------------------------------------------------
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="profiler", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self):
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, event):
+        """From capture threads: never blocks; a full queue drops and counts."""
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self.stats["events_dropped"] += 1
+
+    def call(self, name, *args, timeout=10.0):
+        if not self.running:
+            raise NotReady("the profiler is not running")
+        req = _Request(name, args)
+        try:
+            self._queue.put(req, timeout=timeout)
+            return req.future.result(timeout=timeout)
+        except (queue.Full, FutureTimeout):
+            # Not started yet: it never will be, so the caller's 503 tells the truth.
+            req.future.cancel()
+            raise NotReady(f"the profiler did not answer {name} within {timeout}s") from None
+
+    def stop(self, timeout=30.0):
+        """Harvest and log everything still open, remove every rule, end the thread."""
+        if not self.running:
+            return
+        self._queue.put(_Stop())
+        self._thread.join(timeout)
+
+    def _run(self):
+        self._next_sweep = self.clock.monotonic() + self.config.sweep_interval
+        while True:
+            due = self._next_sweep
+            if self._unresolved:
+                due = min(due, min(entry[2] for entry in self._unresolved.values()))
+            wait = max(0.0, due - self.clock.monotonic())
+            items = []
+            try:
+                items.append(self._queue.get(timeout=min(wait, self.config.sweep_interval)))
+                while len(items) < 5000:
+                    items.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            stop = False
+            for item in items:
+                if isinstance(item, _Stop):
+                    stop = True
+                    continue
+                self._handle(item)
+            if self._unresolved:
+                self._guard(self.resolve_accepted)
+            if self.clock.monotonic() >= self._next_sweep:
+                self._guard(self.sweep)
+                self._next_sweep = self.clock.monotonic() + self.config.sweep_interval
+            self._guard(self.flush)
+            if stop:
+                self._guard(self.shutdown)
+                return
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("profiler: %s failed", getattr(fn, "__name__", fn))
+
+    def _handle(self, item):
+        if isinstance(item, _Request):
+            if not item.future.set_running_or_notify_cancel():
+                return
+            try:
+                result = getattr(self, "req_" + item.name)(*item.args)
+                # Durable before the caller hears 200: a crash right after must not lose a registration.
+                self._persist()
+                item.future.set_result(result)
+            except ProfilerError as exc:
+                item.future.set_exception(exc)
+            except Exception as exc:
+                self.stats["errors"] += 1
+                log.exception("profiler: request %s failed", item.name)
+                item.future.set_exception(exc)
+        elif isinstance(item, list):
+            self._guard(self.on_held_syns, item)
+        else:
+            self.stats["events"] += 1
+            self._guard(self.on_packet, item)
+
+    # --- packets ---------------------------------------------------------------
+
+    def on_packet(self, ev):
+        if ev.syn:
+            if ev.ack:   # SYN-ACK: its destination sent the SYN we may have missed
+                self._maybe_new(ev.interface, ev.family, (ev.dst, ev.dport), (ev.src, ev.sport), held=False,
+                                seen=ev.ts)
+            else:
+                self._maybe_new(ev.interface, ev.family, (ev.src, ev.sport), (ev.dst, ev.dport), held=False,
+                                seen=ev.ts)
+            return
+        now = self.clock.monotonic()
+        for conn, sent_by_local in self._match(ev.family, ev.src, ev.sport, ev.dst, ev.dport):
+            if conn.end_reason:
+                continue
+            if ev.rst:
+                self._end(conn, "reset", now)
+            elif ev.fin:
+                if conn.cid in self._unresolved:
+                    self.resolve_accepted(force=True)
+                if sent_by_local:
+                    conn.local_fin = True
+                else:
+                    conn.remote_fin = True
+                if conn.local_fin and conn.remote_fin:
+                    self._end(conn, "closed", now)
+
+    def _match(self, family, src, sport, dst, dport):
+        out = []
+        c = self.conns.get((family, src, sport, dst, dport))
+        if c:
+            out.append((c, True))
+        c = self.conns.get((family, dst, dport, src, sport))
+        if c:
+            out.append((c, False))
+        return out
+
+    def submit_held(self, batch):
+        """From the SYN queue thread: a batch of held SYNs. Never leaves a SYN held if we cannot take it."""
+        try:
+            self._queue.put_nowait(batch)
+        except queue.Full:
+            self.stats["events_dropped"] += len(batch)
+            for _, release in batch:
+                release()
+
+    def on_held_syns(self, batch):
+        """SYNs the kernel holds until we say so: attribute, add rules, release after the commit."""
+        for syn, release in batch:
+            iface = self._ifname(syn.ifindex)
+            initiator, responder = (syn.src, syn.sport), (syn.dst, syn.dport)
+            for key in ((syn.family, syn.src, syn.sport, syn.dst, syn.dport),
+                        (syn.family, syn.dst, syn.dport, syn.src, syn.sport)):
+                conn = self.conns.get(key)
+                if conn is not None and not conn.end_reason:
+                    # Seen first by the capture (it sees inbound SYNs before netfilter does): its
+                    # rules are committed before this SYN, the first packet, is let through.
+                    conn.rules_before_first_packet = True
+            self._maybe_new(iface, syn.family, initiator, responder, held=True)
+            # Only now: a flush inside _maybe_new (the GC's) must not let this SYN go before its rules.
+            self._held_releases.append(release)
+
+    def _ifname(self, ifindex):
+        if "any" in self.config.interfaces or not ifindex:
+            return None
+        name = self._ifnames.get(ifindex)
+        if name is None:
+            try:
+                name = self._ifnames[ifindex] = socket.if_indextoname(ifindex)
+            except OSError:
+                return None
+        return name if name in self.config.interfaces else None
+
+    def _maybe_new(self, interface, family, initiator, responder, held, seen=None):
+        """A connection from `initiator` to `responder` starts; track the side(s) that are ours.
+
+        `seen`: when the capture saw its SYN (the connection's start, for a SYN that was not held)."""
+        for local, remote, outgoing in ((initiator, responder, True), (responder, initiator, False)):
+            key = (family, local[0], local[1], remote[0], remote[1])
+            if key in self.conns:
+                continue
+            owner = self._owner(family, local, remote, outgoing)
+            if owner is None:
+                continue
+            iface = interface or self._interface_for(local[0])
+            if iface is None:
+                continue
+            conn = Connection(
+                cid=f"{self._run_id}{next(self._ids):x}", job=owner.job, pid=owner.pid, interface=iface, family=family,
+                local=local[0], lport=local[1], remote=remote[0], rport=remote[1], outgoing=outgoing,
+                opened=seen or self.clock.time(), rules_before_first_packet=held)
+            self.conns[key] = conn
+            if not outgoing:
+                # The listener's owner may not be the process that accepts: workers forked after
+                # listen() share the socket. Look again once the connection has been accepted.
+                self._unresolved[conn.cid] = [conn, 0, self.clock.monotonic() + RESOLVE_DELAYS[0]]
+            self._want_rules(conn)
+
+    def _interface_for(self, local_ip):
+        ifaces = self.config.interfaces
+        if len(ifaces) == 1:
+            return ifaces[0]
+        if "lo" in ifaces and (local_ip.startswith("127.") or local_ip == "::1"):
+            return "lo"
+        return None
+
+    # --- rules, harvest, GC ------------------------------------------------------
+
+    def _spec(self, conn):
+        return RuleSpec(conn.cid, conn.interface, conn.family, conn.local, conn.lport, conn.remote, conn.rport,
+                        conn.pid, conn.job)
+
+    def _want_rules(self, conn):
+        if self.firewall.rule_count + 2 * (len(self._pending_add) + 1) > self.config.rules_threshold:
+            self.collect_garbage()
+        if self.firewall.rule_count + 2 * (len(self._pending_add) + 1) > self.config.rules_threshold:
+            self.stats["untracked_full"] += 1
+            log.warning("rule table full (%d rules, RULES_THRESHOLD %d): connection %s:%s -> %s:%s of job %s "
+                        "pid %s is untracked", self.firewall.rule_count, self.config.rules_threshold,
+                        conn.local, conn.lport, conn.remote, conn.rport, conn.job, conn.pid)
+            del self.conns[conn.key]
+            job = self.jobs.get(conn.job)
+            if job is not None:
+                job.untracked += 1   # its totals can no longer claim to be complete
+            return
+        self._pending_add[conn.cid] = (conn, self._spec(conn))
+
+    def collect_garbage(self):
+        """Reclaim the rules of ended connections and of exited processes, harvesting them first."""
+        self.stats["gc_runs"] += 1
+        now = self.clock.monotonic()
+        self._check_processes(now)
+        ended = [c for c in self.conns.values() if c.end_reason]
+        self._harvest(ended)
+        self.flush()
+        log.info("garbage collector reclaimed %d connections; %d rules installed", len(ended),
+                 self.firewall.rule_count)
+
+    def _end(self, conn, reason, now):
+        conn.end_reason = reason
+        conn.ended_mono = now
+
+    def _harvest(self, conns, reason=None):
+        for conn in conns:
+            if reason and not conn.end_reason:
+                conn.end_reason = reason
+            self.conns.pop(conn.key, None)
+            self._unresolved.pop(conn.cid, None)
+            if conn.cid in self._pending_add:
+                # Never committed: nothing to read or remove.
+                del self._pending_add[conn.cid]
+                self._record(conn, Counters(), committed=False)
+            else:
+                self._pending_remove[conn.cid] = (conn, self._spec(conn))
+
+    def _update_hold(self):
+        uids = {p.ident.uid for p in self.procs.values()}
+        try:
+            self.firewall.set_hold(uids, self._listen_ports if self.procs else ())
+        except FirewallError as exc:
+            log.error("cannot update the SYN hold rules: %s", exc)
+
+    def _persist(self, new_conns=(), gone_conns=()):
+        """One transaction: what must be durable before the rules of `new_conns` are installed."""
+        if self.store is None:
+            self._dirty_jobs.clear(), self._dropped_jobs.clear(), self._dirty_procs.clear()
+            self._dropped_procs.clear(), self._new_records.clear()
+            return
+        if not (self._dirty_jobs or self._dropped_jobs or self._dirty_procs or self._dropped_procs
+                or self._new_records or new_conns or gone_conns):
+            return
+        with self.store.batch():
+            for job_id in self._dirty_jobs - self._dropped_jobs:
+                if job_id in self.jobs:
+                    self.store.put_job(self.jobs[job_id])
+            for pid in self._dirty_procs - self._dropped_procs:
+                if pid in self.procs:
+                    self.store.put_process(self.procs[pid])
+            for pid in self._dropped_procs:
+                if pid not in self.procs:
+                    self.store.drop_process(pid)
+            self.store.put_connections(new_conns)
+            self.store.drop_connections(gone_conns)
+            self.store.put_records([r for r in self._new_records if r.job in self.jobs])
+            for job_id in self._dropped_jobs:
+                if job_id not in self.jobs:
+                    self.store.drop_job(job_id)
+        self._dirty_jobs.clear(), self._dropped_jobs.clear(), self._dirty_procs.clear()
+        self._dropped_procs.clear(), self._new_records.clear()
+
+    def flush(self):
+        self._update_hold()
+        adds = list(self._pending_add.values())
+        removes = list(self._pending_remove.values())
+        releases, self._held_releases = self._held_releases, []
+        self._pending_add, self._pending_remove = {}, {}
+        harvested = {}
+        started = time.perf_counter()
+        try:
+            self._persist(new_conns=[c for c, _ in adds])
+            if adds or removes:
+                harvested = self.firewall.apply([s for _, s in adds], [s for _, s in removes])
+            now = self.clock.time()
+            for conn, _ in adds:
+                conn.rules_installed = True
+                conn.rules_at = now
+        except FirewallError as exc:
+            log.error("netfilter change failed, %d new connections stay without rules: %s", len(adds), exc)
+            for conn, _ in adds:
+                conn.rules_before_first_packet = False
+        finally:
+            for release in releases:
+                release()
+        for conn, _ in removes:
+            self._record(conn, harvested.get(conn.cid), committed=True)
+        try:
+            self._persist(gone_conns=[c.cid for c, _ in removes])
+        except Exception:
+            log.exception("cannot write the durable state")
+        if removes:
+            self.observe_harvest(time.perf_counter() - started)
+
+    def _record(self, conn, counters, committed):
+        """Rule counters are exact when the rules existed before the first packet passed.
+        Otherwise conntrack, which counts from the first packet, supplies the count."""
+        complete = (conn.rules_before_first_packet and counters is not None and committed
+                    and not conn.incomplete_reason)
+        if complete and (counters.out_packets if conn.outgoing else counters.in_packets) == 0:
+            complete = False   # rules that were first would have counted the SYN: they came late
+        source, note = "rules", conn.incomplete_reason
+        if counters is None:
+            counters, note = Counters(), "rules vanished before they were read"
+        if not complete and self.conntrack is not None:
+            ct = self._conntrack_counts(conn)
+            if ct is not None and ct.in_bytes >= counters.in_bytes and ct.out_bytes >= counters.out_bytes:
+                counters, complete, source, note = ct, True, "conntrack", ""
+        if not complete and not note:
+            note = "rules were installed after the connection's first packets; no conntrack entry to complete them"
+        if not complete and conn.rules_at and not conn.rules_before_first_packet:
+            # How much may be missing: whatever the connection sent in this window before its rules.
+            note += f"; uncounted: the first {max(0.0, conn.rules_at - conn.opened) * 1000:.1f} ms"
+        rec = self._make_record(conn, counters, complete, source, note)
+        self.stats["harvested"] += 1
+        job = self.jobs.get(conn.job)
+        if job is not None:
+            job.records.append(rec)
+            self._new_records.append(rec)
+        try:
+            self.sink.write(rec)
+        except Exception:
+            log.exception("cannot write the record of connection %s", conn.cid)
+
+    def _make_record(self, conn, counters, complete, source, note, reason=None, open_now=False):
+        return Record(conn.cid, conn.job, conn.pid, conn.interface, conn.family, conn.local, conn.lport,
+                      conn.remote, conn.rport, conn.outgoing, counters.in_bytes, counters.in_packets,
+                      counters.out_bytes, counters.out_packets, conn.opened, self.clock.time(),
+                      reason or conn.end_reason or "unknown", complete, source,
+                      open_at_end=open_now or conn.end_reason in ("EndProfile", "EndProcessProfile", "shutdown"),
+                      note=note)
+
+    def _conntrack_counts(self, conn):
+        try:
+            if conn.outgoing:
+                ct = self.conntrack.get(conn.family, conn.local, conn.lport, conn.remote, conn.rport)
+            else:
+                ct = self.conntrack.get(conn.family, conn.remote, conn.rport, conn.local, conn.lport)
+        except Exception as exc:
+            log.debug("conntrack lookup failed: %s", exc)
+            return None
+        if ct is None:
+            return None
+        if conn.outgoing:
+            return Counters(ct.reply_packets, ct.reply_bytes, ct.orig_packets, ct.orig_bytes)
+        return Counters(ct.orig_packets, ct.orig_bytes, ct.reply_packets, ct.reply_bytes)
+
+    # --- sweep: exited processes, lingering and vanished connections ---------------
+
+    def sweep(self):
+        now = self.clock.monotonic()
+        if now >= self._next_verify:
+            self._next_verify = now + self.config.verify_interval
+            self.verify_rules()
+        self._check_processes(now)
+        self._check_sockets(now)
+        if now >= self._next_scan:
+            # Walking every tracked process's children and descriptors costs with the job count:
+            # not at every sweep. A fork in between is found when it opens a connection anyway.
+            self._next_scan = now + max(self.config.sweep_interval, 2.0)
+            self._scan_listeners()
+        linger = self.config.close_linger
+        done = [c for c in self.conns.values() if c.end_reason and now - c.ended_mono >= linger]
+        self._harvest(done)
+
+    def _check_processes(self, now):
+        for pid, tracked in list(self.procs.items()):
+            if self.processes.alive(tracked.ident):
+                continue
+            del self.procs[pid]
+            self._last_owner.pop(pid, None)
+            self._dropped_procs.add(pid)
+            for conn in self.conns.values():
+                if conn.pid == pid and not conn.end_reason:
+                    self._end(conn, "process exit", now)
+
+    def _check_sockets(self, now, budget=500):
+        """Connections whose FIN or RST we never saw: the kernel says their socket is gone."""
+        live = [c for c in self.conns.values() if not c.end_reason]
+        if not live:
+            return
+        start = self._sweep_cursor % len(live)
+        for conn in (live[start:] + live[:start])[:budget]:
+            if now - conn.ended_mono < 0 or self.clock.time() - conn.opened < self.config.close_linger:
+                continue
+            info = self.sockets.get(conn.family, conn.local, conn.lport, conn.remote, conn.rport)
+            if info is None or info.state not in LIVE_STATES or (info.state == "LISTEN"):
+                self._end(conn, "closed", now)
+        self._sweep_cursor = start + budget
+
+    def verify_rules(self):
+        """Another program may flush, delete or reorder our rules: notice, repair, and say so."""
+        fixes, missing = self.firewall.verify()
+        if not fixes:
+            return
+        self.stats["repairs"] = self.stats.get("repairs", 0) + 1
+        log.warning("our netfilter rules were changed by another program and are repaired: %s",
+                    "; ".join(fixes))
+        for conn in self.conns.values():
+            if conn.cid in missing:
+                conn.incomplete_reason = ("its rules were removed or bypassed by another program; counted again "
+                                          "from the repair")
+
+    def _scan_listeners(self):
+        """Local ports that tracked processes listen on: their inbound SYNs are held too."""
+        if not self.procs:
+            self._listen_ports = set()
+            return
+        inodes = set()
+        self._adopt_descendants()
+        for pid in list(self.procs):
+            inodes |= self.processes.socket_inodes(pid)
+        ports = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for info in self.sockets.dump(family, states=1 << 10):
+                if info.inode in inodes:
+                    ports.add(info.lport)
+        self._listen_ports = ports
+
+    def shutdown(self):
+        live = list(self.conns.values())
+        self._harvest(live, reason="shutdown")
+        self.flush()
+        try:
+            leftovers = self.firewall.teardown()
+            if leftovers:
+                log.warning("teardown found %d rule pairs not harvested", len(leftovers))
+        except FirewallError as exc:
+            log.error("cannot remove our chains at shutdown: %s", exc)

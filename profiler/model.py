@@ -1,0 +1,108 @@
+"""The profiler's tables: jobs, tracked processes, connections, and records."""
+import ipaddress
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TrackedProcess:
+    ident: object            # proctable.ProcessIdentity
+    job: str
+    registered: bool         # named in StartProfile (else found as a descendant)
+    root: int                # the registered PID it descends from
+
+    @property
+    def pid(self):
+        return self.ident.pid
+
+
+@dataclass
+class Job:
+    job_id: str
+    started: float
+    roots: set = field(default_factory=set)
+    cgroup: str = ""        # membership by cgroup: the directory whose processes all belong
+    untracked: int = 0      # connections left without rules because the rule table was full
+    owner_uid: int = -1     # uid of the first registered process: who may end the job from the unix socket
+    records: list = field(default_factory=list)   # records of harvested connections
+
+
+@dataclass
+class Connection:
+    cid: str
+    job: str
+    pid: int
+    interface: str
+    family: int
+    local: str
+    lport: int
+    remote: str
+    rport: int
+    outgoing: bool           # the tracked side sent the first SYN
+    opened: float            # wall clock, first seen
+    rules_before_first_packet: bool = False
+    rules_installed: bool = False
+    local_fin: bool = False
+    remote_fin: bool = False
+    end_reason: str = ""     # closed, reset, process exit, ... once it has ended
+    ended_mono: float = 0.0
+    incomplete_reason: str = ""   # why the rules may have missed bytes (removed by another program, ...)
+    rules_at: float = 0.0    # wall clock when its rules were committed
+
+    @property
+    def key(self):
+        return (self.family, self.local, self.lport, self.remote, self.rport)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One harvested connection: what the log, the API and the JSON form show."""
+    cid: str
+    job: str
+    pid: int
+    interface: str
+    family: int
+    local: str
+    lport: int
+    remote: str
+    rport: int
+    outgoing: bool
+    in_bytes: int
+    in_packets: int
+    out_bytes: int
+    out_packets: int
+    start: float
+    end: float
+    reason: str
+    complete: bool
+    source: str              # where the count comes from: rules or conntrack
+    open_at_end: bool = False
+    note: str = ""
+
+    def to_json(self):
+        d = asdict(self)
+        d["family"] = "ipv4" if self.family == 2 else "ipv6"
+        return d
+
+
+def is_internal(address, networks):
+    if not networks:
+        return False
+    ip = ipaddress.ip_address(address)
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+def totals(records, internal_networks=(), untracked=0):
+    """Sums over records (or live snapshots), split by whether the remote side is internal."""
+    split = {"internal": {"in_bytes": 0, "out_bytes": 0}, "external": {"in_bytes": 0, "out_bytes": 0}}
+    for r in records:
+        side = split["internal" if is_internal(r.remote, internal_networks) else "external"]
+        side["in_bytes"] += r.in_bytes
+        side["out_bytes"] += r.out_bytes
+    return {
+        "connections": len(records),
+        "in_bytes": sum(r.in_bytes for r in records),
+        "out_bytes": sum(r.out_bytes for r in records),
+        "complete": untracked == 0 and all(r.complete for r in records),
+        "untracked_connections": untracked,
+        **split,
+    }

@@ -1,0 +1,80 @@
+"""Carrying on after a restart: the durable state, the rules still in place, connections opened meanwhile.
+
+A mixin of the Profiler: it runs before the profiler thread starts.
+"""
+import logging
+import socket
+
+from .model import Connection, Job, Record, TrackedProcess
+from .proctable import ProcessIdentity
+from .sockdiag import LIVE_STATES, TCP_STATES
+
+log = logging.getLogger("netprofiler")
+
+
+class Restart:
+    def restore(self, state):
+        """Before the thread starts: take back the jobs, processes and connections of the durable state.
+
+        Returns the connection ids whose rules may still be in the kernel, counting."""
+        jobs, procs, conns, records = state
+        for j in jobs:
+            self.jobs[j["job_id"]] = Job(j["job_id"], j["started"], roots=set(j["roots"]), cgroup=j["cgroup"],
+                                         owner_uid=j["owner_uid"])
+        for r in records:
+            job = self.jobs.get(r["job"])
+            if job is not None:
+                job.records.append(Record(**{**r, "family": socket.AF_INET if r["family"] == "ipv4"
+                                             else socket.AF_INET6}))
+        for p in procs:
+            if p["job"] in self.jobs:
+                ident = ProcessIdentity(p["pid"], p["uid"], p["user"], p["create_time"])
+                self.procs[p["pid"]] = TrackedProcess(ident, p["job"], registered=p["registered"], root=p["root"])
+        for c in conns:
+            if c["job"] in self.jobs:
+                conn = Connection(**c)
+                self.conns[conn.key] = conn
+        return {conn.cid for conn in self.conns.values()}
+
+    def after_setup(self, installed):
+        """The firewall kept the rules in `installed`; connections without theirs get new ones,
+        and connections opened while we were down are found from the sockets of tracked processes."""
+        for conn in list(self.conns.values()):
+            if conn.cid in installed:
+                conn.rules_installed = True
+            else:
+                conn.rules_before_first_packet = False
+                conn.incomplete_reason = "its rules were gone when the service restarted"
+                self._want_rules(conn)
+        self._scan_listeners()
+        self._discover_connections()
+        self.flush()
+
+    def _discover_connections(self):
+        """Connections of tracked processes nobody saw start (opened while the service was down)."""
+        owners = {}
+        for pid in self.procs:
+            for inode in self.processes.socket_inodes(pid):
+                owners[inode] = pid
+        if not owners:
+            return
+        states = sum(1 << n for n, name in TCP_STATES.items() if name in LIVE_STATES)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for info in self.sockets.dump(family, states=states):
+                pid = owners.get(info.inode)
+                key = (family, info.local, info.lport, info.remote, info.rport)
+                if pid is None or key in self.conns:
+                    continue
+                iface = self._interface_for(info.local)
+                if iface is None:
+                    continue
+                tracked = self.procs[pid]
+                conn = Connection(cid=f"{self._run_id}{next(self._ids):x}", job=tracked.job, pid=pid,
+                                  interface=iface, family=family, local=info.local, lport=info.lport,
+                                  remote=info.remote, rport=info.rport, outgoing=info.lport not in self._listen_ports,
+                                  opened=self.clock.time(),
+                                  incomplete_reason="opened while the service was not running")
+                self.conns[key] = conn
+                self._want_rules(conn)
+                log.info("found connection %s:%s -> %s:%s of job %s pid %s opened while we were down",
+                         info.local, info.lport, info.remote, info.rport, tracked.job, pid)

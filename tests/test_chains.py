@@ -1,0 +1,61 @@
+"""The chain tree's layout: pure logic."""
+import socket
+
+from profiler.chains import RuleSpec, chain_info, comment_of, parse_comment, path
+
+
+def spec(lport, rport, iface="eth0"):
+    return RuleSpec("c1", iface, socket.AF_INET, "10.0.0.1", lport, "10.0.0.2", rport, 7, "job#1")
+
+
+def test_outgoing_connections_are_filed_by_their_local_port():
+    hops, leaf = path(spec(40001, 443), "O")
+    assert [(h.chain, h.field, h.lo, h.hi, h.target) for h in hops] == [
+        ("NETPROF_O_eth0", "sport", 36864, 40959, "NETPROF_OLx9_eth0"),
+        ("NETPROF_OLx9_eth0", "sport", 39936, 40191, "NETPROF_OL9c_eth0")]
+    assert leaf == "NETPROF_OL9c_eth0"
+    hops, leaf = path(spec(40001, 443), "I")
+    assert hops[0].field == "dport" and leaf == "NETPROF_IL9c_eth0"
+
+
+def test_accepted_connections_are_filed_by_the_clients_port():
+    hops, leaf = path(spec(9000, 51000), "I")
+    assert hops[0].field == "sport" and hops[1].lo <= 51000 <= hops[1].hi and leaf == "NETPROF_IRc7_eth0"
+    hops, leaf = path(spec(9000, 51000), "O")
+    assert hops[0].field == "dport" and leaf == "NETPROF_ORc7_eth0"
+
+
+def test_every_port_lands_in_the_ranges_of_its_hops():
+    for port in (0, 1, 255, 256, 4095, 4096, 32768, 60999, 65535):
+        for s in (spec(port, 0), spec(0, port) if port else spec(0, 0)):
+            for direction in "IO":
+                hops, _ = path(s, direction)
+                key = max(s.lport, s.rport)
+                assert all(h.lo <= key <= h.hi for h in hops)
+
+
+def test_chain_names_fit_netfilter_and_are_recognised():
+    longest = "abcdefghijklmno"   # IFNAMSIZ - 1
+    for direction in "IO":
+        hops, leaf = path(spec(65535, 1, longest), direction)
+        for name in [h.chain for h in hops] + [leaf]:
+            assert len(name) <= 28, name
+            kind, d, iface = chain_info(name)
+            assert (d, iface) == (direction, longest)
+        assert chain_info(leaf)[0] == "leaf" and chain_info(hops[1].chain)[0] == "mid"
+        assert chain_info(hops[0].chain)[0] == "top"
+    assert chain_info("NETPROF_HOLD_O") is None and chain_info("NETPROF_CT") is None
+    assert chain_info("INPUT") is None
+
+
+def test_comments_round_trip():
+    s = RuleSpec("ab.1f", "eth0", socket.AF_INET, "10.0.0.1", 1, "10.0.0.2", 2, 4242, "schedd#1.0#17 x/y")
+    assert parse_comment(s.comment()) == ("ab.1f", 4242, "schedd#1.0#17 x/y")
+    assert parse_comment("something else") is None
+    # A raw entry: header, a tcp match, then the comment match (u16 size, name, revision, data).
+    tcp = (40).to_bytes(2, "little") + b"tcp".ljust(29, b"\0") + b"\0" + b"\0" * 8
+    text = s.comment().encode().ljust(256, b"\0")
+    comment = (32 + 256).to_bytes(2, "little") + b"comment".ljust(29, b"\0") + b"\0" + text
+    raw = b"\xff" * 112 + tcp + comment
+    assert comment_of(raw, 112) == s.comment()
+    assert comment_of(b"\xff" * 112 + tcp, 112) == ""

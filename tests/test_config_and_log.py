@@ -1,0 +1,100 @@
+import ipaddress
+import os
+
+import pytest
+
+from profiler.config import default_route_interface, load_config, parse_config
+from profiler.errors import ConfigError
+from profiler.logsink import RollingLogSink, format_json
+from profiler.model import Record
+
+
+def test_defaults_and_default_route(tmp_path):
+    cfg = parse_config("[CONFIG]\n", base_dir=str(tmp_path), route_lookup=lambda: "eth7")
+    assert cfg.interfaces == ("eth7",)
+    assert (cfg.max_bytes, cfg.backup_count, cfg.rules_threshold) == (1048576, 100, 1000)
+    assert cfg.bind_address == "127.0.0.1"
+    assert cfg.log_dir.endswith("logs")
+
+
+def test_values_and_lists(tmp_path):
+    cfg = parse_config("[CONFIG]\nINTERFACE = eth0, eth1\nMAX_BYTES = 10\nLOG_DIR = out\n"
+                       "INTERNAL_NETWORKS = 10.0.0.0/8, fd00::/8\nLOG_FORMAT = both\n", base_dir=str(tmp_path))
+    assert cfg.interfaces == ("eth0", "eth1") and cfg.max_bytes == 10
+    assert cfg.log_dir == os.path.join(str(tmp_path), "out")
+    assert cfg.internal_networks == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+    with pytest.raises(Exception):
+        cfg.max_bytes = 5   # frozen
+
+
+@pytest.mark.parametrize("line,key", [
+    ("MAX_BYTES = lots", "MAX_BYTES"),
+    ("BACKUP_COUNT = -1", "BACKUP_COUNT"),
+    ("RULES_THRESHOLD = 0", "RULES_THRESHOLD"),
+    ("BIND_ADDRESS = localhost:80", "BIND_ADDRESS"),
+    ("INTERFACE = ,", "INTERFACE"),
+    ("INTERFACE = this-name-is-far-too-long", "INTERFACE"),
+    ("COLOUR = blue", "COLOUR"),
+    ("LOG_FORMAT = xml", "LOG_FORMAT"),
+    ("INTERNAL_NETWORKS = 10.0.0.0/33", "INTERNAL_NETWORKS"),
+    ("HOLD_SYNS = maybe", "HOLD_SYNS"),
+])
+def test_bad_values_name_the_key(line, key):
+    with pytest.raises(ConfigError) as err:
+        parse_config(f"[CONFIG]\nINTERFACE = eth0\n{line}\n")
+    assert key in str(err.value)
+
+
+def test_no_default_route_is_a_clear_error():
+    with pytest.raises(ConfigError, match="INTERFACE"):
+        parse_config("[CONFIG]\n", route_lookup=lambda: None)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "none.ini"))
+
+
+def test_route_file_parsing(tmp_path):
+    route = tmp_path / "route"
+    route.write_text("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+                     "eth3\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n"
+                     "eth4\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\n")
+    assert default_route_interface(str(route), str(tmp_path / "none")) == "eth4"
+
+
+def _record(**kw):
+    base = dict(cid="a.1", job="job\t#1", pid=7, interface="eth0", family=2, local="10.0.0.1", lport=5000,
+                remote="10.0.0.2", rport=80, outgoing=True, in_bytes=300, in_packets=3, out_bytes=400,
+                out_packets=4, start=100.0, end=101.5, reason="closed", complete=True, source="rules")
+    base.update(kw)
+    return Record(**base)
+
+
+def test_tab_log_lines_and_rolling(tmp_path):
+    sink = RollingLogSink(str(tmp_path), max_bytes=300, backup_count=2)
+    for _ in range(6):
+        sink.write(_record())
+    sink.close()
+    lines = open(tmp_path / "eth0.log").read().splitlines()
+    cols = lines[0].split("\t")
+    assert len(cols) == 9
+    assert cols[1:] == ["job #1", "7", "10.0.0.2", "80", "10.0.0.1", "5000", "IN", "300"]
+    assert lines[1].split("\t")[1:] == ["job #1", "7", "10.0.0.1", "5000", "10.0.0.2", "80", "OUT", "400"]
+    import re
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", cols[0])
+    assert os.path.exists(tmp_path / "eth0.log.1") and not os.path.exists(tmp_path / "eth0.log.3")
+
+
+def test_json_log(tmp_path):
+    import json
+    sink = RollingLogSink(str(tmp_path), max_bytes=10_000, backup_count=1, log_format="json",
+                          internal_networks=(ipaddress.ip_network("10.0.0.0/8"),))
+    sink.write(_record(outgoing=False, complete=False, reason="EndProfile", open_at_end=True))
+    sink.close()
+    assert not os.path.exists(tmp_path / "eth0.log")
+    obj = json.loads(open(tmp_path / "eth0.json.log").read())
+    assert obj["id.orig_h"] == "10.0.0.2" and obj["orig_bytes"] == 300 and obj["resp_bytes"] == 400
+    assert obj["in_bytes"] == 300 and obj["out_bytes"] == 400 and obj["duration"] == 1.5
+    assert obj["internal"] is True and obj["complete"] is False and obj["end"] == "EndProfile"
+    assert format_json(_record()) != format_json(_record(cid="b.2"))

@@ -1,0 +1,323 @@
+"""Unit tests of the profiler's logic, with fakes of every adapter."""
+import socket
+
+import pytest
+
+from fakes import FIN, RST, SYN, Ev, FakeFirewall, FakeProcesses, FakeSockets, ListSink
+from profiler.clock import FakeClock
+from profiler.config import Config
+from profiler.core import Profiler
+from profiler.errors import IdentityMismatch, NotFound
+from profiler.firewall import Counters
+from synqueue_stub import HeldSynStub
+
+L, R = "10.231.0.1", "10.231.0.2"
+
+
+@pytest.fixture
+def env():
+    fw, procs, socks, sink, clock = FakeFirewall(), FakeProcesses(), FakeSockets(), ListSink(), FakeClock()
+    config = Config(interfaces=("eth9",), rules_threshold=1000, close_linger=1.0, sweep_interval=0.5)
+    prof = Profiler(config, fw, procs, socks, sink, clock)
+    return prof, fw, procs, socks, sink, clock
+
+
+def ev(src, sport, dst, dport, flags):
+    return Ev("eth9", 0.0, socket.AF_INET, src, sport, dst, dport, flags)
+
+
+def register(prof, procs, pid=100, job="job#1", **kw):
+    ident = procs.add(pid, **kw)
+    return prof.req_start(job, pid, ident.user, ident.create_time)
+
+
+def open_conn(prof, socks, lport, inode, uid=1000, rport=80):
+    socks.connect(L, lport, R, rport, uid=uid, inode=inode)
+    prof.on_packet(ev(L, lport, R, rport, SYN))
+    prof.flush()
+
+
+def close_conn(prof, socks, lport, rport=80):
+    prof.on_packet(ev(L, lport, R, rport, FIN))
+    prof.on_packet(ev(R, rport, L, lport, FIN))
+    socks.close(L, lport, R, rport)
+
+
+def test_connection_of_tracked_process_gets_rules_and_is_harvested_after_both_fins(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    open_conn(prof, socks, 5000, 11)
+    assert len(fw.installed) == 1
+    cid = next(iter(fw.installed))
+    fw.counters[cid] = Counters(3, 300, 4, 400)
+    prof.on_packet(ev(L, 5000, R, 80, FIN))          # half-close: the other side may still send
+    prof.sweep()
+    clock.advance(5)
+    prof.sweep()
+    prof.flush()
+    assert sink.records == [] and len(fw.installed) == 1
+    prof.on_packet(ev(R, 80, L, 5000, FIN))
+    prof.sweep()
+    prof.flush()
+    assert sink.records == []                         # lingers for the last ACK
+    clock.advance(1.0)
+    prof.sweep()
+    prof.flush()
+    [rec] = sink.records
+    assert (rec.job, rec.pid, rec.in_bytes, rec.out_bytes, rec.reason) == ("job#1", 100, 300, 400, "closed")
+    assert fw.installed == {}
+
+
+def test_untracked_process_gets_no_rules(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    procs.add(200, inodes={22})
+    open_conn(prof, socks, 5001, 22)
+    assert fw.installed == {}
+
+
+def test_reset_ends_the_connection(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    open_conn(prof, socks, 5000, 11)
+    prof.on_packet(ev(R, 80, L, 5000, RST))
+    clock.advance(2)
+    prof.sweep()
+    prof.flush()
+    assert [r.reason for r in sink.records] == ["reset"]
+
+
+def test_process_exit_is_noticed_without_a_call(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    open_conn(prof, socks, 5000, 11)
+    socks.table[(socket.AF_INET, L, 5000, R, 80)] = socks.table[(socket.AF_INET, L, 5000, R, 80)].__class__(
+        socket.AF_INET, "ESTABLISHED", L, 5000, R, 80, 1000, 11)
+    procs.kill(100)
+    prof.sweep()
+    clock.advance(2)
+    prof.sweep()
+    prof.flush()
+    assert [r.reason for r in sink.records] == ["process exit"]
+    assert prof.procs == {}
+
+
+def test_lost_fin_is_caught_by_the_socket_sweep(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    open_conn(prof, socks, 5000, 11)
+    socks.close(L, 5000, R, 80)                       # closed, but no FIN reached us
+    clock.advance(2)
+    prof.sweep()
+    clock.advance(2)
+    prof.sweep()
+    prof.flush()
+    assert [r.reason for r in sink.records] == ["closed"]
+
+
+def test_child_forked_later_is_adopted_into_the_job(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    procs.add(101, parent=100, inodes={33})
+    procs.add(102, parent=101, inodes={44})
+    open_conn(prof, socks, 5002, 44)
+    [spec] = fw.installed.values()
+    assert (spec.pid, spec.job) == (102, "job#1")
+    assert prof.procs[102].root == 100
+
+
+def test_accepted_connection_found_through_the_listener(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={55})
+    socks.listen(L, 9100, inode=55)
+    prof.on_packet(ev(R, 40000, L, 9100, SYN))
+    prof.flush()
+    [spec] = fw.installed.values()
+    assert (spec.local, spec.lport, spec.remote, spec.rport) == (L, 9100, R, 40000)
+    conn = next(iter(prof.conns.values()))
+    assert conn.outgoing is False
+
+
+def test_gc_reclaims_ended_connections_and_reports_untracked_when_full(env, caplog):
+    prof, fw, procs, socks, sink, clock = env
+    prof.config = Config(interfaces=("eth9",), rules_threshold=4, close_linger=100.0)
+    register(prof, procs, inodes={1, 2, 3, 4})
+    open_conn(prof, socks, 5001, 1)
+    open_conn(prof, socks, 5002, 2)
+    close_conn(prof, socks, 5001)                     # ended, lingering: reclaimable
+    open_conn(prof, socks, 5003, 3)
+    assert prof.stats["gc_runs"] == 1 and [r.lport for r in sink.records] == [5001]
+    assert fw.rule_count == 4
+    open_conn(prof, socks, 5004, 4)                    # nothing to reclaim: untracked
+    assert prof.stats["untracked_full"] == 1
+    assert "untracked" in caplog.text and fw.rule_count == 4
+
+
+def test_identity_checks(env):
+    prof, fw, procs, socks, sink, clock = env
+    procs.add(100, create_time=5000.0)
+    with pytest.raises(IdentityMismatch):
+        prof.req_start("j", 100, "mallory", 5000.0)
+    with pytest.raises(IdentityMismatch):
+        prof.req_start("j", 100, "alice", 4998.5)
+    assert prof.req_start("j", 100, "1000", 5000.9)["already_tracked"] is False
+    assert prof.req_start("j", 100, "alice", 5000.0)["already_tracked"] is True
+    with pytest.raises(IdentityMismatch):
+        prof.req_start("other", 100, "alice", 5000.0)
+    with pytest.raises(NotFound):
+        prof.req_start("j", 999, "alice", 5000.0)
+    with pytest.raises(NotFound):
+        prof.req_end_job("nope")
+
+
+def test_end_profile_harvests_open_connections_and_totals(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11, 12})
+    open_conn(prof, socks, 5000, 11)
+    open_conn(prof, socks, 5001, 12)
+    for cid in fw.installed:
+        fw.counters[cid] = Counters(1, 100, 2, 200)
+    live = prof.req_job("job#1")
+    assert live["totals"]["in_bytes"] == 200 and all(c["open_at_end"] for c in live["connections"])
+    answer = prof.req_end_job("job#1")
+    assert answer["totals"]["connections"] == 2
+    assert answer["totals"]["in_bytes"] == 200 and answer["totals"]["out_bytes"] == 400
+    assert all(c["reason"] == "EndProfile" and c["open_at_end"] for c in answer["connections"])
+    assert fw.installed == {} and prof.jobs == {}
+
+
+def test_internal_external_split(env):
+    prof, fw, procs, socks, sink, clock = env
+    import ipaddress
+    prof.config = Config(interfaces=("eth9",), internal_networks=(ipaddress.ip_network("10.231.0.0/24"),))
+    register(prof, procs, inodes={11})
+    open_conn(prof, socks, 5000, 11)
+    fw.counters[next(iter(fw.installed))] = Counters(1, 100, 1, 50)
+    t = prof.req_end_job("job#1")["totals"]
+    assert t["internal"] == {"in_bytes": 100, "out_bytes": 50}
+    assert t["external"] == {"in_bytes": 0, "out_bytes": 0}
+
+
+def test_held_syn_is_released_only_after_its_rules_are_committed(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    socks.connect(L, 5000, R, 80, inode=11)
+    released = []
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: released.append(fw.commits))])
+    assert released == []
+    prof.flush()
+    assert released == [1] and len(fw.installed) == 1
+    conn = next(iter(prof.conns.values()))
+    assert conn.rules_before_first_packet
+    fw.counters[conn.cid] = Counters(2, 120, 3, 180)
+    rec = prof.req_end_job("job#1")["connections"][0]
+    assert rec["complete"] is True and rec["source"] == "rules"
+
+
+def test_late_rules_without_conntrack_are_marked_incomplete(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    open_conn(prof, socks, 5000, 11)
+    fw.counters[next(iter(fw.installed))] = Counters(2, 100, 2, 100)
+    rec = prof.req_end_job("job#1")["connections"][0]
+    assert rec["complete"] is False and "after" in rec["note"]
+
+
+def test_late_rules_completed_by_conntrack(env):
+    prof, fw, procs, socks, sink, clock = env
+
+    class CT:
+        def get(self, family, src, sport, dst, dport):
+            from profiler.conntrack import CtCounters
+            assert (src, sport, dst, dport) == (L, 5000, R, 80)   # original direction: we initiated
+            return CtCounters(5, 500, 6, 600, "TIME_WAIT")
+
+    prof.conntrack = CT()
+    register(prof, procs, inodes={11})
+    open_conn(prof, socks, 5000, 11)
+    fw.counters[next(iter(fw.installed))] = Counters(2, 100, 2, 100)
+    rec = prof.req_end_job("job#1")["connections"][0]
+    assert (rec["complete"], rec["source"], rec["in_bytes"], rec["out_bytes"]) == (True, "conntrack", 600, 500)
+
+
+def test_firewall_failure_does_not_kill_the_profiler(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    fw.fail_next = True
+    socks.connect(L, 5000, R, 80, inode=11)
+    prof.on_packet(ev(L, 5000, R, 80, SYN))
+    prof.flush()
+    open_conn(prof, socks, 5001, 11)
+    assert len(fw.installed) == 1
+
+
+def test_hold_rules_follow_tracked_users_and_listening_ports(env):
+    prof, fw, procs, socks, sink, clock = env
+    socks.listen("0.0.0.0", 9100, inode=55)
+    register(prof, procs, inodes={55}, uid=1234)
+    assert fw.hold == (frozenset({1234}), frozenset({9100}))
+    procs.kill(100)
+    prof.sweep()
+    prof.flush()
+    assert fw.hold == (frozenset(), frozenset())
+
+
+def test_shutdown_harvests_everything(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    open_conn(prof, socks, 5000, 11)
+    prof.shutdown()
+    assert [r.reason for r in sink.records] == ["shutdown"] and fw.installed == {}
+
+
+def test_thread_answers_requests_through_the_queue(env):
+    prof, fw, procs, socks, sink, clock = env
+    procs.add(100)
+    prof.start()
+    try:
+        assert prof.call("start", "j", 100, "alice", 1000.0)["status"] == "ok"
+        with pytest.raises(NotFound):
+            prof.call("end_job", "unknown")
+        assert prof.call("status")["tracked_processes"] == 1
+    finally:
+        prof.stop()
+    assert not prof.running
+
+
+def test_accepted_connection_is_attributed_to_the_worker_that_accepted_it(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={55})                 # the parent listens
+    procs.add(101, parent=100, inodes={55, 66})        # a worker forked after listen() accepts
+    socks.listen(L, 9100, inode=55)
+    prof.on_packet(ev(R, 40000, L, 9100, SYN))
+    prof.flush()
+    conn = next(iter(prof.conns.values()))
+    assert conn.pid == 100
+    socks.connect(L, 9100, R, 40000, inode=66, state="ESTABLISHED")
+    clock.advance(0.01)
+    prof.resolve_accepted()
+    assert conn.pid == 101 and prof.procs[101].job == "job#1"
+
+
+def test_untracked_connection_makes_the_job_incomplete(env):
+    prof, fw, procs, socks, sink, clock = env
+    prof.config = Config(interfaces=("eth9",), rules_threshold=2)
+    register(prof, procs, inodes={1, 2})
+    open_conn(prof, socks, 5001, 1)
+    open_conn(prof, socks, 5002, 2)          # table full, nothing to reclaim
+    totals = prof.req_end_job("job#1")["totals"]
+    assert totals["untracked_connections"] == 1 and totals["complete"] is False
+
+
+def test_rules_removed_by_another_program_make_the_record_incomplete(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    socks.connect(L, 5000, R, 80, inode=11)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
+    prof.flush()
+    cid = next(iter(fw.installed))
+    fw.counters[cid] = Counters(1, 60, 1, 60)
+    fw.removed_by_other = {cid}
+    prof.verify_rules()
+    rec = prof.req_end_job("job#1")["connections"][0]
+    assert rec["complete"] is False and "another program" in rec["note"]

@@ -1,0 +1,59 @@
+"""The chain tree under many live connections: every one counted exactly, whichever leaf it is in."""
+import json
+import os
+
+import pytest
+
+from harness import Capture, Service, start_client, start_server
+from nstools import wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def key(c):
+    return c["local"], c["lport"], c["remote"], c["rport"]
+
+
+def test_hundreds_of_live_connections_in_both_blocks_are_exact(netpair):
+    p = netpair
+    svc = Service(p.a, [p.iface_a], RULES_THRESHOLD=5000)
+    try:
+        svc.start()
+        cap = Capture(p.a, p.iface_a)
+        start_server(p.b, p.ip_b, 9000)
+        tracked_server, _ = start_server(p.a, p.ip_a, 9100)
+        assert svc.start_profile("tree", tracked_server.pid)[0] == 200
+        out = start_client(p.a, p.ip_b, 9000, up=3000, down=7000, count=300, extra=("--hold-all",))
+        assert svc.start_profile("tree", out.pid)[0] == 200
+        inbound = start_client(p.b, p.ip_a, 9100, up=5000, down=2000, count=100, extra=("--hold-all",))
+        for c in (out, inbound):
+            c.stdin.write("go\n")
+            c.stdin.flush()
+        outs = [json.loads(out.stdout.readline()) for _ in range(300)]
+        ins = [json.loads(inbound.stdout.readline()) for _ in range(100)]
+        accepted = [{"local": p.ip_a, "lport": 9100, "remote": c["local"], "rport": c["lport"]} for c in ins]
+        # All 400 open at once: 800 rules spread over many leaves of the tree.
+        status = wait_for(lambda: (lambda s: s if s["live_connections"] >= 400 else None)(svc.get("/status")[1]),
+                          timeout=20, what="400 live connections")
+        assert status["installed_rules"] >= 800
+        save = p.a.run("iptables-legacy-save").stdout
+        leaves = {line.split()[1] for line in save.splitlines()
+                  if line.startswith("-A NETPROF_") and "--comment" in line}
+        assert len(leaves) >= 8
+        for c in (out, inbound):
+            c.stdin.write("\n")
+            c.stdin.close()
+            c.wait(30)
+        wait_for(lambda: all(key(c) in svc.logged(p.iface_a) for c in outs + accepted), timeout=30,
+                 what="all logged")
+        cap.stop()
+        truth, logged = cap.bytes(), svc.logged(p.iface_a)
+        wrong = []
+        for c in outs + accepted:
+            l, lp, r, rp = key(c)
+            for k in ((l, lp, r, rp), (r, rp, l, lp)):
+                if logged[k][3] != truth[k]:
+                    wrong.append((k, logged[k][3], truth[k]))
+        assert wrong == []
+    finally:
+        svc.stop()
