@@ -117,11 +117,22 @@ def run_accepted(pair, svc, result):
     _wait_logged(svc, pair.iface_a, [mine for mine, _ in served])
     cap.stop()
     truth, logged = cap.bytes(), svc.logged(pair.iface_a)
+    records = svc.json_records(pair.iface_a)
+    by_worker = 0
     for mine, pids in served:
         entry = logged.get((mine["remote"], mine["rport"], mine["local"], mine["lport"]))
+        rec = records.get((mine["local"], mine["lport"], mine["remote"], mine["rport"]), {})
         # The pid must be the process that accepted: for pre-forked workers, a worker, not the parent.
-        mine["pid"] = entry[1] if entry and entry[1] in pids else -1
+        # Only a record that says its accepter was never seen (pid_source "listener") may name
+        # another process holding the listening socket.
+        allowed = pids | ({threaded.pid, prefork.pid} if rec.get("pid_source") == "listener" else set())
+        mine["pid"] = entry[1] if entry and entry[1] in allowed else -1
+        if mine["pid"] == -1:
+            print(f"accepted: {mine['remote']}:{mine['rport']} logged as {entry} ({rec.get('pid_source')}), "
+                  f"expected one of {sorted(pids)}", file=sys.stderr)
+        by_worker += mine["lport"] == 9101 and rec.get("pid_source") == "socket" and mine["pid"] in pids
         result.add("accepted", mine, logged, truth)
+    return by_worker
 
 
 def run_open_at_endprofile(pair, svc, result):
@@ -175,12 +186,12 @@ def run(cases, out=sys.stdout):
     notes = {}
     try:
         pair.a.run("ping", "-6", "-c1", "-W2", pair.ip6_b, check=False)
-        svc = Service(pair.a, [pair.iface_a]).start()
+        svc = Service(pair.a, [pair.iface_a], LOG_FORMAT="both").start()
         client_cases = [c for c in cases if c in CLIENT_CASES]
         if client_cases:
             run_client_cases(pair, svc, client_cases, result)
         if "accepted" in cases:
-            run_accepted(pair, svc, result)
+            notes["accepted_seen_in_worker"] = run_accepted(pair, svc, result)
         if "open-at-endprofile" in cases:
             run_open_at_endprofile(pair, svc, result)
         svc.stop()

@@ -8,6 +8,12 @@ from .model import TrackedProcess
 # Pauses between looks for the process that accepted an inbound connection: dense at first,
 # because a forked worker may serve a short connection within milliseconds.
 RESOLVE_DELAYS = (0.001, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.5)
+# While the connection waits to be accepted (or its SYN is still held), look this often, for this long.
+ACCEPT_POLL = 0.001
+PRE_ACCEPT_WINDOW = 0.2
+# States in which an inbound socket without an inode is still waiting in the listener's queue;
+# in the others it has been closed by the process that accepted it.
+PRE_ACCEPT_STATES = {"SYN_RECV", "ESTABLISHED", "CLOSE_WAIT"}
 
 
 class Attribution:
@@ -71,10 +77,14 @@ class Attribution:
         return new
 
     def resolve_accepted(self, force=False):
-        """Attribute accepted connections to the process holding the accepted socket."""
+        """Attribute accepted connections to the process holding the accepted socket.
+
+        Until a worker has accepted it, the socket has no inode: it is looked at again every
+        ACCEPT_POLL, without using up one of the RESOLVE_DELAYS, because a pre-forked worker may
+        accept, serve and close a short connection within a few milliseconds of the handshake."""
         now = self.clock.monotonic()
         for cid, entry in list(self._unresolved.items()):
-            conn, attempts, due = entry
+            conn, attempts, due = entry[:3]
             if not force and now < due:
                 continue
             info = self.sockets.get(conn.family, conn.local, conn.lport, conn.remote, conn.rport)
@@ -84,8 +94,20 @@ class Attribution:
                 tracked = self._holder(info.inode, info.uid, children_first=True)
                 if tracked is not None and tracked.job == conn.job:
                     conn.pid = tracked.pid
+                    conn.pid_source = "socket"
+            elif (not conn.end_reason and conn.pid_source == "listener"
+                  and (info is None or info.state in PRE_ACCEPT_STATES or info.state == "LISTEN")):
+                # Not accepted yet: the listener itself answers while the SYN is held or in flight.
+                if len(entry) < 4:
+                    entry.append(now + PRE_ACCEPT_WINDOW)
+                if now < entry[3]:
+                    entry[2] = now + ACCEPT_POLL
+                    continue
             attempts += 1
-            if attempts >= len(RESOLVE_DELAYS):
+            closed = info is not None and ((info.inode == 0 and info.state not in PRE_ACCEPT_STATES)
+                                           or (info.state == "LISTEN" and conn.pid_source == "socket"))
+            if attempts >= len(RESOLVE_DELAYS) or closed:
+                # Out of looks, or closed by whoever held it: the pid stays what was last seen.
                 del self._unresolved[cid]
             else:
                 entry[1], entry[2] = attempts, now + RESOLVE_DELAYS[attempts]

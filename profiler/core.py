@@ -15,7 +15,7 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from .attribution import RESOLVE_DELAYS, Attribution
+from .attribution import Attribution
 from .errors import FirewallError, NotReady, ProfilerError
 from .firewall import Counters, RuleSpec
 from .model import Connection, Record
@@ -142,6 +142,9 @@ class Profiler(Attribution, Restart, Requests):
                 self._guard(self.sweep)
                 self._next_sweep = self.clock.monotonic() + self.config.sweep_interval
             self._guard(self.flush)
+            if self._unresolved:
+                # The flush released held SYNs: a worker may accept and serve within milliseconds.
+                self._guard(self.resolve_accepted)
             if stop:
                 self._guard(self.shutdown)
                 return
@@ -264,12 +267,13 @@ class Profiler(Attribution, Restart, Requests):
             conn = Connection(
                 cid=f"{self._run_id}{next(self._ids):x}", job=owner.job, pid=owner.pid, interface=iface, family=family,
                 local=local[0], lport=local[1], remote=remote[0], rport=remote[1], outgoing=outgoing,
-                opened=seen or self.clock.time(), rules_before_first_packet=held)
+                opened=seen or self.clock.time(), rules_before_first_packet=held,
+                pid_source="socket" if outgoing else "listener")
             self.conns[key] = conn
             if not outgoing:
                 # The listener's owner may not be the process that accepts: workers forked after
                 # listen() share the socket. Look again once the connection has been accepted.
-                self._unresolved[conn.cid] = [conn, 0, self.clock.monotonic() + RESOLVE_DELAYS[0]]
+                self._unresolved[conn.cid] = [conn, 0, self.clock.monotonic()]
             self._want_rules(conn)
 
     def _interface_for(self, local_ip):
@@ -432,7 +436,7 @@ class Profiler(Attribution, Restart, Requests):
                       counters.out_bytes, counters.out_packets, conn.opened, self.clock.time(),
                       reason or conn.end_reason or "unknown", complete, source,
                       open_at_end=open_now or conn.end_reason in ("EndProfile", "EndProcessProfile", "shutdown"),
-                      note=note)
+                      note=note, pid_source=conn.pid_source)
 
     def _conntrack_counts(self, conn):
         try:

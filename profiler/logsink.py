@@ -50,7 +50,7 @@ def format_json(record, internal_networks=()):
         "in_pkts": record.in_packets, "out_pkts": record.out_packets,
         "internal": is_internal(record.remote, internal_networks),
         "end": record.reason, "open_at_end": record.open_at_end, "complete": record.complete,
-        "count_source": record.source, "note": record.note,
+        "count_source": record.source, "note": record.note, "pid_source": record.pid_source,
     }, sort_keys=False)
 
 

@@ -47,6 +47,9 @@ class Connection:
     ended_mono: float = 0.0
     incomplete_reason: str = ""   # why the rules may have missed bytes (removed by another program, ...)
     rules_at: float = 0.0    # wall clock when its rules were committed
+    # How `pid` was found: "socket" (it held the connection's socket), or "listener" (an accepted
+    # connection whose accepting process was never seen: the pid holds the listening socket).
+    pid_source: str = "socket"
 
     @property
     def key(self):
@@ -77,6 +80,7 @@ class Record:
     source: str              # where the count comes from: rules or conntrack
     open_at_end: bool = False
     note: str = ""
+    pid_source: str = "socket"
 
     def to_json(self):
         d = asdict(self)

@@ -111,6 +111,16 @@ class Service:
         return out
 
 
+    def json_records(self, iface):
+        """{(local, lport, remote, rport): record} from the JSON log (LOG_FORMAT = json or both)."""
+        path = os.path.join(self.log_dir, f"{iface}.json.log")
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            recs = [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
+        return {(r["local"], r["local_port"], r["remote"], r["remote_port"]): r for r in recs}
+
+
 class Capture:
     """tcpdump on an interface of a namespace; `bytes()` gives IP-layer bytes per flow."""
 
