@@ -18,15 +18,16 @@ PRE_ACCEPT_STATES = {"SYN_RECV", "ESTABLISHED", "CLOSE_WAIT"}
 
 class Attribution:
     def _owner(self, family, local, remote, outgoing):
-        """The tracked process that owns this side of the connection, if any."""
+        """(The tracked process that owns this side of the connection, or None; the inode of the
+        connection's own socket when that is what was found, else 0)."""
         if not self.procs:
-            return None
+            return None, 0
         info = self.sockets.get(family, local[0], local[1], remote[0], remote[1])
         if not outgoing and (info is None or info.inode == 0):
             info = self.sockets.listener(family, local[0], local[1])
         if info is None or info.inode == 0:
-            return None
-        return self._holder(info.inode, info.uid)
+            return None, 0
+        return self._holder(info.inode, info.uid), (0 if info.state == "LISTEN" else info.inode)
 
     def _holder(self, inode, uid, children_first=False):
         """The tracked process holding socket `inode`, or None.
@@ -93,7 +94,7 @@ class Attribution:
                 # child is the one that serves it. Later looks overrule earlier ones.
                 tracked = self._holder(info.inode, info.uid, children_first=True)
                 if tracked is not None and tracked.job == conn.job:
-                    conn.pid = tracked.pid
+                    conn.pid, conn.inode = tracked.pid, info.inode
                     conn.pid_source = "socket"
             elif (not conn.end_reason and conn.pid_source == "listener"
                   and (info is None or info.state in PRE_ACCEPT_STATES or info.state == "LISTEN")):

@@ -8,6 +8,7 @@ adapter commits once per address family), then writes the harvested records.
 """
 import itertools
 import logging
+import math
 import queue
 import socket
 import threading
@@ -22,6 +23,15 @@ from .model import Connection, Record
 from .requests import Requests
 from .restart import Restart
 from .sockdiag import LIVE_STATES
+
+# Sockets looked at per sweep after packets may have been lost (see _check_sockets).
+LOSS_CHECK_BUDGET = 2000
+# Otherwise, each live connection's socket is looked at once in this many seconds.
+BACKGROUND_CHECK_PERIOD = 60.0
+# In a backlog of events, the held SYNs are committed and let go after this many, or after this
+# many seconds of work, rather than after the whole backlog.
+HELD_FLUSH_COUNT = 256
+HELD_FLUSH_AFTER = 0.02
 
 log = logging.getLogger("netprofiler")
 
@@ -64,6 +74,8 @@ class Profiler(Attribution, Restart, Requests):
         self._ifnames = {}
         self._listen_ports = set()
         self._unresolved = {}     # cid -> [Connection, attempts, next attempt (monotonic)]
+        self._lost_seen = 0       # packets the captures and our queue had lost at the last sweep
+        self._loss_check_left = 0 # live connections still to look at since packets were lost
         self._last_owner = {}     # pid -> when it last owned a new connection (a counter)
         self._owner_clock = itertools.count(1)
         self._ids = itertools.count(1)
@@ -131,11 +143,19 @@ class Profiler(Attribution, Restart, Requests):
             except queue.Empty:
                 pass
             stop = False
+            held_since = None
             for item in items:
                 if isinstance(item, _Stop):
                     stop = True
                     continue
                 self._handle(item)
+                if self._held_releases:
+                    # Held SYNs wait for the commit: do not make them wait for the whole backlog too.
+                    held_since = held_since or time.perf_counter()
+                    if (len(self._held_releases) >= HELD_FLUSH_COUNT
+                            or time.perf_counter() - held_since >= HELD_FLUSH_AFTER):
+                        self._guard(self.flush)
+                        held_since = None
             if self._unresolved:
                 self._guard(self.resolve_accepted)
             if self.clock.monotonic() >= self._next_sweep:
@@ -192,6 +212,9 @@ class Profiler(Attribution, Restart, Requests):
         for conn, sent_by_local in self._match(ev.family, ev.src, ev.sport, ev.dst, ev.dport):
             if conn.end_reason:
                 continue
+            if conn.inode and (ev.rst or (ev.fin and sent_by_local)):
+                # Closed by its process (or reset): the next socket will likely get its fd number.
+                self.processes.socket_closed(conn.inode)
             if ev.rst:
                 self._end(conn, "reset", now)
             elif ev.fin:
@@ -258,7 +281,7 @@ class Profiler(Attribution, Restart, Requests):
             key = (family, local[0], local[1], remote[0], remote[1])
             if key in self.conns:
                 continue
-            owner = self._owner(family, local, remote, outgoing)
+            owner, inode = self._owner(family, local, remote, outgoing)
             if owner is None:
                 continue
             iface = interface or self._interface_for(local[0])
@@ -267,7 +290,7 @@ class Profiler(Attribution, Restart, Requests):
             conn = Connection(
                 cid=f"{self._run_id}{next(self._ids):x}", job=owner.job, pid=owner.pid, interface=iface, family=family,
                 local=local[0], lport=local[1], remote=remote[0], rport=remote[1], outgoing=outgoing,
-                opened=seen or self.clock.time(), rules_before_first_packet=held,
+                opened=seen or self.clock.time(), rules_before_first_packet=held, inode=inode,
                 pid_source="socket" if outgoing else "listener")
             self.conns[key] = conn
             if not outgoing:
@@ -476,17 +499,30 @@ class Profiler(Attribution, Restart, Requests):
             if self.processes.alive(tracked.ident):
                 continue
             del self.procs[pid]
+            self.processes.forget(pid)
             self._last_owner.pop(pid, None)
             self._dropped_procs.add(pid)
             for conn in self.conns.values():
                 if conn.pid == pid and not conn.end_reason:
                     self._end(conn, "process exit", now)
 
-    def _check_sockets(self, now, budget=500):
-        """Connections whose FIN or RST we never saw: the kernel says their socket is gone."""
+    def _check_sockets(self, now):
+        """Connections whose FIN or RST we never saw: the kernel says their socket is gone.
+
+        Packets are lost only when a capture drops some, fails or reopens, or our queue overflows;
+        then every live connection is looked at, LOSS_CHECK_BUDGET a sweep. Otherwise each is looked
+        at once every BACKGROUND_CHECK_PERIOD (a socket may also vanish silently, e.g. timed out),
+        which at 10,000 live connections costs a few lookups a sweep, not thousands."""
         live = [c for c in self.conns.values() if not c.end_reason]
+        if self._packets_lost():
+            self._loss_check_left = len(live)
         if not live:
             return
+        if self._loss_check_left > 0:
+            budget = min(LOSS_CHECK_BUDGET, self._loss_check_left)
+            self._loss_check_left -= budget
+        else:
+            budget = math.ceil(len(live) * self.config.sweep_interval / BACKGROUND_CHECK_PERIOD)
         start = self._sweep_cursor % len(live)
         for conn in (live[start:] + live[:start])[:budget]:
             if now - conn.ended_mono < 0 or self.clock.time() - conn.opened < self.config.close_linger:
@@ -495,6 +531,19 @@ class Profiler(Attribution, Restart, Requests):
             if info is None or info.state not in LIVE_STATES or (info.state == "LISTEN"):
                 self._end(conn, "closed", now)
         self._sweep_cursor = start + budget
+
+    def _packets_lost(self):
+        """True when a FIN or RST may have been lost since the last look."""
+        try:
+            stats = self.capture_stats()
+        except Exception:
+            stats = {}
+        lost = self.stats["events_dropped"] + sum(s.get("dropped", 0) + s.get("if_dropped", 0)
+                                                  for s in stats.values())
+        broken = any("error" in s for s in stats.values())
+        changed = lost != self._lost_seen   # more drops, or a capture reopened and began counting anew
+        self._lost_seen = lost
+        return changed or broken
 
     def verify_rules(self):
         """Another program may flush, delete or reorder our rules: notice, repair, and say so."""
@@ -509,21 +558,39 @@ class Profiler(Attribution, Restart, Requests):
                 conn.incomplete_reason = ("its rules were removed or bypassed by another program; counted again "
                                           "from the repair")
 
-    def _scan_listeners(self):
-        """Local ports that tracked processes listen on: their inbound SYNs are held too."""
+    def _scan_listeners(self, pids=None):
+        """Local ports that tracked processes listen on: their inbound SYNs are held too.
+
+        With `pids` (a new registration), only those processes and their descendants are looked at
+        and their ports added: registering the thousandth process must not walk the other 999."""
         if not self.procs:
             self._listen_ports = set()
             return
+        if pids is None:
+            self._adopt_descendants()
+            pids = list(self.procs)
+        else:
+            pids = self._descendants_of(pids)
         inodes = set()
-        self._adopt_descendants()
-        for pid in list(self.procs):
-            inodes |= self.processes.socket_inodes(pid)
+        for pid in pids:
+            inodes |= self.processes.cached_socket_inodes(pid)
         ports = set()
         for family in (socket.AF_INET, socket.AF_INET6):
             for info in self.sockets.dump(family, states=1 << 10):
                 if info.inode in inodes:
                     ports.add(info.lport)
-        self._listen_ports = ports
+        self._listen_ports = ports if len(pids) == len(self.procs) else self._listen_ports | ports
+
+    def _descendants_of(self, pids):
+        """`pids` and every living descendant of theirs, adopted into their jobs."""
+        out, stack = [], list(pids)
+        while stack:
+            pid = stack.pop()
+            out.append(pid)
+            for child in self.processes.children(pid):
+                if child in self.procs or self._adopt(child, pid) is not None:
+                    stack.append(child)
+        return out
 
     def shutdown(self):
         live = list(self.conns.values())

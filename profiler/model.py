@@ -50,6 +50,7 @@ class Connection:
     # How `pid` was found: "socket" (it held the connection's socket), or "listener" (an accepted
     # connection whose accepting process was never seen: the pid holds the listening socket).
     pid_source: str = "socket"
+    inode: int = 0           # its socket, once seen held by the process (0: not seen)
 
     @property
     def key(self):

@@ -24,6 +24,8 @@ class ProcessTable:
     def __init__(self, proc_root="/proc"):
         self._proc = proc_root
         self._fd_cache = {}   # pid -> {fd name: what it pointed to at the last look}
+        self._socket_fd = {}  # socket inode -> (pid, fd name) where the cache last saw it
+        self._suspect = {}    # pid -> fd names whose socket's connection has ended since
 
     def identity(self, pid):
         try:
@@ -139,14 +141,39 @@ class ProcessTable:
                 continue
 
     def socket_inodes(self, pid):
-        return {int(t[8:-1]) for t in self._fd_targets(pid) if t.startswith("socket:[")}
+        """Every socket `pid` holds, read afresh (and the cache brought up to date)."""
+        self._holds(pid, None, only_new=False)
+        return self.cached_socket_inodes(pid)
+
+    def cached_socket_inodes(self, pid):
+        """The sockets `pid` holds as far as the cache knows, after reading only its new and
+        suspect descriptors: cheap for a process holding thousands of sockets."""
+        self._holds(pid, None, only_new=True)
+        return {int(t[8:-1]) for t in self._fd_cache.get(pid, {}).values() if t.startswith("socket:[")}
+
+    def socket_closed(self, inode):
+        """The connection on socket `inode` has ended: the descriptor that held it is about to be
+        free, and the next socket the process opens will likely reuse its number."""
+        where = self._socket_fd.pop(inode, None)
+        if where is not None:
+            self._suspect.setdefault(where[0], set()).add(where[1])
+
+    def forget(self, pid):
+        """`pid` has exited: drop what the cache knows of it."""
+        for target in self._fd_cache.pop(pid, {}).values():
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if self._socket_fd.get(inode, (None,))[0] == pid:
+                    del self._socket_fd[inode]
+        self._suspect.pop(pid, None)
 
     def owner_of(self, inode, pids):
         """The first of `pids` that holds socket `inode` open, or None.
 
-        A first pass reads only the descriptors each process did not have at the last look: a new
-        socket usually gets one, and a process may hold thousands. Only if that finds nothing (a
-        descriptor number was reused) is every descriptor read again."""
+        A first pass reads only the descriptors each process did not have at the last look, and
+        those that held a connection that has since ended (socket_closed): a new socket gets the
+        lowest free number, usually one of these, and a process may hold thousands. Only if that
+        finds nothing (some other descriptor number was reused) is every descriptor read again."""
         needle = f"socket:[{inode}]"
         for only_new in (True, False):
             for pid in pids:
@@ -159,19 +186,24 @@ class ProcessTable:
         try:
             names = os.listdir(fd_dir)
         except OSError:
-            self._fd_cache.pop(pid, None)
+            self.forget(pid)
             return False
         cache = self._fd_cache.setdefault(pid, {})
         if len(cache) > len(names):
             for gone in set(cache) - set(names):
                 del cache[gone]
+        suspect = self._suspect.pop(pid, ()) if only_new else ()
         found = False
         for name in names:
-            if only_new and name in cache:
+            if only_new and name in cache and name not in suspect:
                 continue
             try:
                 cache[name] = target = os.readlink(f"{fd_dir}/{name}")
             except OSError:
                 continue
+            if target.startswith("socket:["):
+                self._socket_fd[int(target[8:-1])] = (pid, name)
             found = found or target == needle
+        if not only_new:
+            self._suspect.pop(pid, None)
         return found

@@ -59,7 +59,7 @@ class Requests:
         self.procs[pid] = TrackedProcess(ident, job_id, registered=True, root=pid)
         self._dirty_jobs.add(job_id)
         self._dirty_procs.add(pid)
-        self._scan_listeners()
+        self._scan_listeners([pid])
         self._update_hold()
         return {"status": "ok", "job": job_id, "pid": pid, "already_tracked": False}
 

@@ -62,6 +62,8 @@ class FakeProcesses:
         self.procs = {}          # pid -> ProcessIdentity
         self.kids = {}           # pid -> [pids]
         self.sockets = {}        # pid -> set(inode)
+        self.closed_inodes = []  # what the profiler reported closed (socket_closed)
+        self.forgotten = []      # pids the profiler said have exited (forget)
 
     def add(self, pid, uid=1000, user="alice", create_time=1_000.0, parent=None, inodes=()):
         self.procs[pid] = ProcessIdentity(pid, uid, user, create_time)
@@ -87,6 +89,15 @@ class FakeProcesses:
 
     def socket_inodes(self, pid):
         return set(self.sockets.get(pid, ()))
+
+    def cached_socket_inodes(self, pid):
+        return self.socket_inodes(pid)
+
+    def socket_closed(self, inode):
+        self.closed_inodes.append(inode)
+
+    def forget(self, pid):
+        self.forgotten.append(pid)
 
     def owner_of(self, inode, pids):
         for pid in pids:

@@ -1,4 +1,5 @@
 """Unit tests of the profiler's logic, with fakes of every adapter."""
+import dataclasses
 import socket
 
 import pytest
@@ -113,6 +114,60 @@ def test_lost_fin_is_caught_by_the_socket_sweep(env):
     prof.sweep()
     prof.flush()
     assert [r.reason for r in sink.records] == ["closed"]
+
+
+def _many_live_with_one_lost_fin(prof, procs, socks, clock, n=3000):
+    prof.config = dataclasses.replace(prof.config, rules_threshold=100_000)
+    register(prof, procs, inodes=set(range(1, n + 1)))
+    for i in range(n):
+        open_conn(prof, socks, 10000 + i, i + 1)
+    socks.close(L, 10000 + n // 2, R, 80)            # closed, but no FIN reached us
+    clock.advance(2)
+
+
+class CountingSockets(FakeSockets):
+    def __init__(self):
+        super().__init__()
+        self.gets = 0
+
+    def get(self, *args):
+        self.gets += 1
+        return super().get(*args)
+
+
+def test_idle_sweep_looks_at_few_sockets_when_no_packet_was_lost(env):
+    prof, fw, procs, _, sink, clock = env
+    socks = prof.sockets = CountingSockets()
+    _many_live_with_one_lost_fin(prof, procs, socks, clock)
+    prof.sweep()                                        # the first sweep sets the loss baseline
+    socks.gets = 0
+    prof.sweep()
+    # 3,000 live, each looked at once a minute, a sweep every 0.5 s: 25 lookups, not 3,000.
+    assert socks.gets == 25
+    for _ in range(200):                                # ...and within a minute, every one of them
+        clock.advance(0.5)
+        prof.sweep()
+    prof.flush()
+    assert [r.lport for r in sink.records] == [11500]
+
+
+def test_lost_packets_make_the_sweep_look_at_every_socket_at_once(env):
+    prof, fw, procs, _, sink, clock = env
+    socks = prof.sockets = CountingSockets()
+    drops = {"eth9": {"received": 10, "dropped": 0, "if_dropped": 0}}
+    prof.capture_stats = lambda: drops
+    _many_live_with_one_lost_fin(prof, procs, socks, clock)
+    prof.sweep()
+    drops["eth9"]["dropped"] = 7                        # the capture lost packets: maybe that FIN
+    socks.gets = 0
+    prof.sweep()
+    assert socks.gets == 2000                           # LOSS_CHECK_BUDGET
+    prof.sweep()
+    assert socks.gets == 3000
+    clock.advance(1.5)
+    prof.sweep()
+    prof.flush()
+    assert [r.lport for r in sink.records] == [11500]
 
 
 def test_child_forked_later_is_adopted_into_the_job(env):

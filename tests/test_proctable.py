@@ -1,0 +1,100 @@
+"""ProcessTable against this very process's /proc/PID/fd: who holds a socket, and at what cost.
+
+A tracked process may hold thousands of sockets; finding the owner of a new one must not read
+them all each time, including when the new socket reuses the number of one just closed.
+"""
+import os
+import socket
+
+import pytest
+
+from profiler import proctable
+from profiler.proctable import ProcessTable
+
+
+@pytest.fixture
+def sockets():
+    held = [socket.socket() for _ in range(300)]
+    yield held
+    for s in held:
+        s.close()
+
+
+def inode_of(sock):
+    return os.fstat(sock.fileno()).st_ino
+
+
+@pytest.fixture
+def readlinks(monkeypatch):
+    """Counts the descriptors the table reads."""
+    count = [0]
+    real = os.readlink
+
+    def counting(path, *a, **kw):
+        count[0] += 1
+        return real(path, *a, **kw)
+    monkeypatch.setattr(proctable.os, "readlink", counting)
+    return count
+
+
+def test_owner_found_and_only_new_descriptors_read(sockets, readlinks):
+    table, me = ProcessTable(), os.getpid()
+    assert table.owner_of(inode_of(sockets[0]), [me]) == me
+    first = readlinks[0]
+    assert first >= len(sockets)
+    fresh = socket.socket()
+    try:
+        readlinks[0] = 0
+        assert table.owner_of(inode_of(fresh), [me]) == me
+        assert readlinks[0] <= 3, readlinks[0]   # the new descriptor (and the listing's own fd)
+    finally:
+        fresh.close()
+
+
+def test_reused_descriptor_of_closed_connection_is_read_first(sockets, readlinks):
+    table, me = ProcessTable(), os.getpid()
+    table.socket_inodes(me)
+    victim = sockets[150]
+    old_inode, fd = inode_of(victim), victim.fileno()
+    victim.close()
+    table.socket_closed(old_inode)
+    replacement = socket.socket()
+    try:
+        assert replacement.fileno() == fd   # the lowest free number: the one just closed
+        readlinks[0] = 0
+        assert table.owner_of(inode_of(replacement), [me]) == me
+        assert readlinks[0] <= 3, readlinks[0]
+    finally:
+        replacement.close()
+        sockets[150] = socket.socket()
+
+
+def test_reused_descriptor_without_notice_still_found_by_full_walk(sockets, readlinks):
+    table, me = ProcessTable(), os.getpid()
+    table.socket_inodes(me)
+    victim = sockets[10]
+    fd = victim.fileno()
+    victim.close()
+    replacement = socket.socket()
+    try:
+        assert replacement.fileno() == fd
+        readlinks[0] = 0
+        assert table.owner_of(inode_of(replacement), [me]) == me
+        assert readlinks[0] >= len(sockets)   # nothing said which one changed: every one is read
+        assert table.owner_of(inode_of(sockets[0]) + 10**9, [me]) is None
+    finally:
+        replacement.close()
+        sockets[10] = socket.socket()
+
+
+def test_cached_socket_inodes_and_forget(sockets):
+    table, me = ProcessTable(), os.getpid()
+    want = {inode_of(s) for s in sockets}
+    assert want <= table.cached_socket_inodes(me)
+    late = socket.socket()
+    try:
+        assert inode_of(late) in table.cached_socket_inodes(me)
+    finally:
+        late.close()
+    table.forget(me)
+    assert table._fd_cache.get(me) is None and not any(p == me for p, _ in table._socket_fd.values())
