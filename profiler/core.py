@@ -31,6 +31,9 @@ BACKGROUND_CHECK_PERIOD = 60.0
 # In a backlog of events, the held SYNs are committed and let go after this many, or after this
 # many seconds of work, rather than after the whole backlog.
 HELD_FLUSH_COUNT = 256
+# Harvests (rule removals) alone are committed at most this often, unless this many are waiting.
+HARVEST_BATCH_WAIT = 0.1
+HARVEST_BATCH_MAX = 2000
 HELD_FLUSH_AFTER = 0.02
 
 log = logging.getLogger("netprofiler")
@@ -74,8 +77,9 @@ class Profiler(Attribution, Restart, Requests):
         self._ifnames = {}
         self._listen_ports = set()
         self._unresolved = {}     # cid -> [Connection, attempts, next attempt (monotonic)]
+        self._remove_since = None  # monotonic time the oldest waiting removal was first deferred
         self._lost_seen = 0       # packets the captures and our queue had lost at the last sweep
-        self._loss_check_left = 0 # live connections still to look at since packets were lost
+        self._loss_check_left = 0  # live connections still to look at since packets were lost
         self._last_owner = {}     # pid -> when it last owned a new connection (a counter)
         self._owner_clock = itertools.count(1)
         self._ids = itertools.count(1)
@@ -134,6 +138,8 @@ class Profiler(Attribution, Restart, Requests):
             due = self._next_sweep
             if self._unresolved:
                 due = min(due, min(entry[2] for entry in self._unresolved.values()))
+            if self._remove_since is not None:
+                due = min(due, self._remove_since + HARVEST_BATCH_WAIT)
             wait = max(0.0, due - self.clock.monotonic())
             items = []
             try:
@@ -161,7 +167,7 @@ class Profiler(Attribution, Restart, Requests):
             if self.clock.monotonic() >= self._next_sweep:
                 self._guard(self.sweep)
                 self._next_sweep = self.clock.monotonic() + self.config.sweep_interval
-            self._guard(self.flush)
+            self._guard(self.flush, True)
             if self._unresolved:
                 # The flush released held SYNs: a worker may accept and serve within milliseconds.
                 self._guard(self.resolve_accepted)
@@ -180,6 +186,10 @@ class Profiler(Attribution, Restart, Requests):
         if isinstance(item, _Request):
             if not item.future.set_running_or_notify_cancel():
                 return
+            if self._pending_remove:
+                # A connection waiting to be harvested is in neither the live table nor the
+                # records: no answer may be computed from that in-between state.
+                self._guard(self.flush)
             try:
                 result = getattr(self, "req_" + item.name)(*item.args)
                 # Durable before the caller hears 200: a crash right after must not lose a registration.
@@ -391,7 +401,17 @@ class Profiler(Attribution, Restart, Requests):
         self._dirty_jobs.clear(), self._dropped_jobs.clear(), self._dirty_procs.clear()
         self._dropped_procs.clear(), self._new_records.clear()
 
-    def flush(self):
+    def flush(self, defer_harvest=False):
+        """Commit what is pending. With `defer_harvest`, removals alone wait up to HARVEST_BATCH_WAIT
+        to share a commit with others: each commit rewrites the whole table, and a closed
+        connection's counters no longer move."""
+        if defer_harvest and self._pending_remove and not self._pending_add and not self._held_releases:
+            now = self.clock.monotonic()
+            if self._remove_since is None:
+                self._remove_since = now
+            if now - self._remove_since < HARVEST_BATCH_WAIT and len(self._pending_remove) < HARVEST_BATCH_MAX:
+                return
+        self._remove_since = None
         self._update_hold()
         adds = list(self._pending_add.values())
         removes = list(self._pending_remove.values())

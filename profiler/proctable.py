@@ -5,6 +5,7 @@ whole host, so the cost does not grow with the number of foreign sockets.
 """
 import os
 import pwd
+from collections import deque
 from dataclasses import dataclass
 
 import psutil
@@ -20,12 +21,21 @@ class ProcessIdentity:
     create_time: float  # Unix epoch seconds, as psutil reports it
 
 
+# How many of a process's most recently seen socket descriptors are read first when looking for a
+# reused descriptor number.
+RECENT_SOCKETS = 64
+# How many descriptor numbers above the highest known are tried before listing the descriptors.
+GUESS_ABOVE = 4
+
+
 class ProcessTable:
     def __init__(self, proc_root="/proc"):
         self._proc = proc_root
         self._fd_cache = {}   # pid -> {fd name: what it pointed to at the last look}
         self._socket_fd = {}  # socket inode -> (pid, fd name) where the cache last saw it
         self._suspect = {}    # pid -> fd names whose socket's connection has ended since
+        self._recent = {}     # pid -> the fd names of the sockets read last (newest at the right)
+        self._top_fd = {}     # pid -> the highest descriptor number read
 
     def identity(self, pid):
         try:
@@ -166,6 +176,8 @@ class ProcessTable:
                 if self._socket_fd.get(inode, (None,))[0] == pid:
                     del self._socket_fd[inode]
         self._suspect.pop(pid, None)
+        self._recent.pop(pid, None)
+        self._top_fd.pop(pid, None)
 
     def owner_of(self, inode, pids):
         """The first of `pids` that holds socket `inode` open, or None.
@@ -175,11 +187,70 @@ class ProcessTable:
         lowest free number, usually one of these, and a process may hold thousands. Only if that
         finds nothing (some other descriptor number was reused) is every descriptor read again."""
         needle = f"socket:[{inode}]"
-        for only_new in (True, False):
-            for pid in pids:
-                if self._holds(pid, needle, only_new):
-                    return pid
+        for pid in pids:
+            if self._guess(pid, needle):
+                return pid
+        for pid in pids:
+            if self._holds(pid, needle, only_new=True):
+                return pid
+        for pid in pids:
+            if self._holds_reused(pid, needle):
+                return pid
         return None
+
+    def _guess(self, pid, needle):
+        """Read only where a new socket most likely is, without listing the descriptors: those whose
+        connection ended, the few numbers above the highest known, and those of recent sockets."""
+        cache = self._fd_cache.get(pid)
+        if not cache:
+            return False
+        fd_dir = f"{self._proc}/{pid}/fd"
+        top = self._top_fd.get(pid, 0)
+        suspects = self._suspect.pop(pid, set())
+        candidates = list(suspects) + [str(top + i) for i in range(1, GUESS_ABOVE + 1)]
+        candidates += reversed(self._recent.get(pid, ()))
+        tried = set()
+        for name in candidates:
+            if name in tried:
+                continue
+            tried.add(name)
+            if self._read(pid, fd_dir, name, cache) == needle:
+                return True
+        return False
+
+    def _holds_reused(self, pid, needle):
+        """Whether `pid` holds `needle` behind a descriptor number it reused, reading the numbers
+        whose last socket was the newest first, and stopping at the match: the sockets that come
+        and go are the short-lived, recent ones, while a process's old sockets tend to stay."""
+        cache = self._fd_cache.get(pid)
+        if cache is None:
+            return self._holds(pid, needle, only_new=False)
+        fd_dir = f"{self._proc}/{pid}/fd"
+        recent = list(reversed(self._recent.get(pid, ())))
+        seen = set()
+        for batch in (recent, None):
+            if batch is None:
+                batch = sorted(set(cache) - seen, key=lambda name: _newest_first(cache.get(name, "")))
+            for name in batch:
+                if name in seen or name not in cache:
+                    continue
+                seen.add(name)
+                if self._read(pid, fd_dir, name, cache) == needle:
+                    return True
+        return False
+
+    def _read(self, pid, fd_dir, name, cache):
+        try:
+            cache[name] = target = os.readlink(f"{fd_dir}/{name}")
+        except OSError:
+            cache.pop(name, None)
+            return None
+        if name.isdigit() and int(name) > self._top_fd.get(pid, 0):
+            self._top_fd[pid] = int(name)
+        if target.startswith("socket:["):
+            self._socket_fd[int(target[8:-1])] = (pid, name)
+            self._recent.setdefault(pid, deque(maxlen=RECENT_SOCKETS)).append(name)
+        return target
 
     def _holds(self, pid, needle, only_new):
         fd_dir = f"{self._proc}/{pid}/fd"
@@ -189,21 +260,20 @@ class ProcessTable:
             self.forget(pid)
             return False
         cache = self._fd_cache.setdefault(pid, {})
-        if len(cache) > len(names):
-            for gone in set(cache) - set(names):
+        current = set(names)
+        if len(cache) > len(names) or not only_new:
+            for gone in set(cache) - current:
                 del cache[gone]
-        suspect = self._suspect.pop(pid, ()) if only_new else ()
-        found = False
-        for name in names:
-            if only_new and name in cache and name not in suspect:
-                continue
-            try:
-                cache[name] = target = os.readlink(f"{fd_dir}/{name}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                self._socket_fd[int(target[8:-1])] = (pid, name)
-            found = found or target == needle
-        if not only_new:
+        if only_new:
+            todo = current.difference(cache) | (self._suspect.pop(pid, set()) & current)
+        else:
+            todo = names
             self._suspect.pop(pid, None)
+        found = False
+        for name in todo:
+            found = self._read(pid, fd_dir, name, cache) == needle or found
         return found
+
+
+def _newest_first(target):
+    return -int(target[8:-1]) if target.startswith("socket:[") else 0
