@@ -31,6 +31,8 @@ BACKGROUND_CHECK_PERIOD = 60.0
 # In a backlog of events, the held SYNs are committed and let go after this many, or after this
 # many seconds of work, rather than after the whole backlog.
 HELD_FLUSH_COUNT = 256
+# Every this many VERIFY_INTERVALs, every rule is read; in between, only the tables' summaries.
+FULL_VERIFY_EVERY = 6
 # Harvests (rule removals) alone are committed at most this often, unless this many are waiting.
 HARVEST_BATCH_WAIT = 0.1
 HARVEST_BATCH_MAX = 2000
@@ -59,6 +61,7 @@ class Profiler(Attribution, Restart, Requests):
         self._dirty_procs, self._dropped_procs = set(), set()
         self._new_records = []
         self._next_verify = 0.0
+        self._next_full_verify = 0.0
         self._next_scan = 0.0
         self.config = config
         self.firewall = firewall
@@ -567,7 +570,11 @@ class Profiler(Attribution, Restart, Requests):
 
     def verify_rules(self):
         """Another program may flush, delete or reorder our rules: notice, repair, and say so."""
-        fixes, missing = self.firewall.verify()
+        now = self.clock.monotonic()
+        full = now >= self._next_full_verify
+        if full:
+            self._next_full_verify = now + FULL_VERIFY_EVERY * self.config.verify_interval
+        fixes, missing = self.firewall.verify(full=full)
         if not fixes:
             return
         self.stats["repairs"] = self.stats.get("repairs", 0) + 1

@@ -115,6 +115,25 @@ class _PairTemplate:
         return (ctypes.c_ubyte * len(buf)).from_buffer(buf)
 
 
+_IPT_SO_GET_INFO = 64      # IPT_BASE_CTL; IP6T_SO_GET_INFO has the same number
+_GETINFO_SIZE = 84         # name[32], valid_hooks, hook_entry[5], underflow[5], num_entries, size
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def table_info(family, name):
+    """The kernel's summary of a legacy table (where each chain starts, how many entries, how many
+    bytes), in one getsockopt: any change another program commits to the table changes it, except
+    a pure reordering of equal-sized rules."""
+    level = socket.IPPROTO_IP if family == socket.AF_INET else socket.IPPROTO_IPV6
+    buf = ctypes.create_string_buffer(name.encode().ljust(_GETINFO_SIZE, b"\0"), _GETINFO_SIZE)
+    size = ctypes.c_uint(_GETINFO_SIZE)
+    with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+        if _libc.getsockopt(s.fileno(), level, _IPT_SO_GET_INFO, buf, ctypes.byref(size)) != 0:
+            err = ctypes.get_errno()
+            raise FirewallError(f"cannot read the summary of table {name}: {os.strerror(err)}")
+    return buf.raw[32:size.value]
+
+
 class _ChainSet:
     """Which chains exist in the table's current handle, asked of libiptc one name at a time:
     listing every chain builds a python-iptables object for each of hundreds of tree chains."""
@@ -219,6 +238,7 @@ class IptablesFirewall:
         self._mangles = {}
         self._installed = {}  # cid -> RuleSpec
         self._hold = (frozenset(), frozenset())
+        self._committed = {}  # family -> table_info() right after our last commit of its filter table
 
     @property
     def rule_count(self):
@@ -256,6 +276,7 @@ class IptablesFirewall:
                 fam.table.refresh()
                 yield
                 fam.table.commit()
+                self._committed[fam.family] = table_info(fam.family, fam.table.name)
             except iptc.IPTCError as exc:
                 try:
                     fam.table.refresh()
@@ -547,16 +568,23 @@ class IptablesFirewall:
                     raise FirewallError(f"cannot read counters: {exc}") from None
         return result
 
-    def verify(self):
+    def verify(self, full=True):
         """Find what another program did to our chains, and repair it.
 
         Returns (fixes, cids) where cids are connections whose rules had vanished or were
         bypassed; their rules are put back (counting from now), so their rule counts are no
-        longer complete.
+        longer complete. Unless `full`, a table whose kernel summary is what our last commit left
+        is taken as untouched: reading every rule of a large table costs a good part of a second.
         """
         fixes, missing = [], set()
         for family in {s.family for s in self._installed.values()} | {socket.AF_INET}:
             fam = self._fam(family)
+            if not full and family in self._committed:
+                try:
+                    if table_info(family, fam.table.name) == self._committed[family]:
+                        continue
+                except FirewallError:
+                    pass
             expected = {cid: spec for cid, spec in self._installed.items() if spec.family == family}
             with self._cycle(fam):
                 structural = self._ensure_structure(fam)

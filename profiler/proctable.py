@@ -26,6 +26,8 @@ class ProcessIdentity:
 RECENT_SOCKETS = 64
 # How many descriptor numbers above the highest known are tried before listing the descriptors.
 GUESS_ABOVE = 4
+# The processes that owned sockets last are guessed at thoroughly; the others only cheaply.
+THOROUGH_GUESSES = 4
 
 
 class ProcessTable:
@@ -187,10 +189,12 @@ class ProcessTable:
         lowest free number, usually one of these, and a process may hold thousands. Only if that
         finds nothing (some other descriptor number was reused) is every descriptor read again."""
         needle = f"socket:[{inode}]"
-        for pid in pids:
-            if self._guess(pid, needle):
+        for rank, pid in enumerate(pids):
+            # Beyond the first few, only the likeliest places: there may be a thousand processes.
+            if self._guess(pid, needle, thorough=rank < THOROUGH_GUESSES):
                 return pid
-        for pid in pids:
+        # Processes never looked at first: a new socket of an unknown process is most likely theirs.
+        for pid in sorted(pids, key=lambda pid: pid in self._fd_cache):
             if self._holds(pid, needle, only_new=True):
                 return pid
         for pid in pids:
@@ -198,17 +202,19 @@ class ProcessTable:
                 return pid
         return None
 
-    def _guess(self, pid, needle):
+    def _guess(self, pid, needle, thorough=True):
         """Read only where a new socket most likely is, without listing the descriptors: those whose
-        connection ended, the few numbers above the highest known, and those of recent sockets."""
+        connection ended, the numbers just above the highest known, and (`thorough`) those of
+        recent sockets."""
         cache = self._fd_cache.get(pid)
         if not cache:
             return False
         fd_dir = f"{self._proc}/{pid}/fd"
         top = self._top_fd.get(pid, 0)
         suspects = self._suspect.pop(pid, set())
-        candidates = list(suspects) + [str(top + i) for i in range(1, GUESS_ABOVE + 1)]
-        candidates += reversed(self._recent.get(pid, ()))
+        candidates = list(suspects) + [str(top + i) for i in range(1, (GUESS_ABOVE if thorough else 1) + 1)]
+        if thorough:
+            candidates += reversed(self._recent.get(pid, ()))
         tried = set()
         for name in candidates:
             if name in tried:
