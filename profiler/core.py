@@ -27,7 +27,8 @@ from .sockdiag import LIVE_STATES
 # Sockets looked at per sweep after packets may have been lost (see _check_sockets).
 LOSS_CHECK_BUDGET = 2000
 # Otherwise, each live connection's socket is looked at once in this many seconds.
-BACKGROUND_CHECK_PERIOD = 60.0
+BACKGROUND_CHECK_PERIOD = 300.0
+BACKGROUND_CHECK_STEP = 10.0   # ...a slice of them this often
 # In a backlog of events, the held SYNs are committed and let go after this many, or after this
 # many seconds of work, rather than after the whole backlog.
 HELD_FLUSH_COUNT = 256
@@ -80,6 +81,9 @@ class Profiler(Attribution, Restart, Requests):
         self._ifnames = {}
         self._listen_ports = set()
         self._unresolved = {}     # cid -> [Connection, attempts, next attempt (monotonic)]
+        self._next_background_check = 0.0
+        self._ended = {}          # cid -> Connection that has ended and waits out CLOSE_LINGER
+        self._listener_ours = {}  # listening socket inode -> whether a tracked process holds it
         self._remove_since = None  # monotonic time the oldest waiting removal was first deferred
         self._lost_seen = 0       # packets the captures and our queue had lost at the last sweep
         self._loss_check_left = 0  # live connections still to look at since packets were lost
@@ -355,12 +359,14 @@ class Profiler(Attribution, Restart, Requests):
     def _end(self, conn, reason, now):
         conn.end_reason = reason
         conn.ended_mono = now
+        self._ended[conn.cid] = conn   # the sweep harvests from here, not from every connection
 
     def _harvest(self, conns, reason=None):
         for conn in conns:
             if reason and not conn.end_reason:
                 conn.end_reason = reason
             self.conns.pop(conn.key, None)
+            self._ended.pop(conn.cid, None)
             self._unresolved.pop(conn.cid, None)
             if conn.cid in self._pending_add:
                 # Never committed: nothing to read or remove.
@@ -514,7 +520,7 @@ class Profiler(Attribution, Restart, Requests):
             self._next_scan = now + max(self.config.sweep_interval, 2.0)
             self._scan_listeners()
         linger = self.config.close_linger
-        done = [c for c in self.conns.values() if c.end_reason and now - c.ended_mono >= linger]
+        done = [c for c in self._ended.values() if now - c.ended_mono >= linger]
         self._harvest(done)
 
     def _check_processes(self, now):
@@ -534,18 +540,23 @@ class Profiler(Attribution, Restart, Requests):
 
         Packets are lost only when a capture drops some, fails or reopens, or our queue overflows;
         then every live connection is looked at, LOSS_CHECK_BUDGET a sweep. Otherwise each is looked
-        at once every BACKGROUND_CHECK_PERIOD (a socket may also vanish silently, e.g. timed out),
+        at once every BACKGROUND_CHECK_PERIOD (a socket may also vanish silently, e.g. timed out: its
+        count is final by then, only its record comes later),
         which at 10,000 live connections costs a few lookups a sweep, not thousands."""
-        live = [c for c in self.conns.values() if not c.end_reason]
         if self._packets_lost():
-            self._loss_check_left = len(live)
+            self._loss_check_left = len(self.conns)
+        if self._loss_check_left <= 0 and now < self._next_background_check:
+            return
+        live = [c for c in self.conns.values() if not c.end_reason]
         if not live:
             return
         if self._loss_check_left > 0:
             budget = min(LOSS_CHECK_BUDGET, self._loss_check_left)
             self._loss_check_left -= budget
         else:
-            budget = math.ceil(len(live) * self.config.sweep_interval / BACKGROUND_CHECK_PERIOD)
+            step = max(self.config.sweep_interval, BACKGROUND_CHECK_STEP)
+            self._next_background_check = now + step
+            budget = math.ceil(len(live) * step / BACKGROUND_CHECK_PERIOD)
         start = self._sweep_cursor % len(live)
         for conn in (live[start:] + live[:start])[:budget]:
             if now - conn.ended_mono < 0 or self.clock.time() - conn.opened < self.config.close_linger:
@@ -588,25 +599,33 @@ class Profiler(Attribution, Restart, Requests):
     def _scan_listeners(self, pids=None):
         """Local ports that tracked processes listen on: their inbound SYNs are held too.
 
-        With `pids` (a new registration), only those processes and their descendants are looked at
-        and their ports added: registering the thousandth process must not walk the other 999."""
+        With `pids` (a new registration), those processes' and their descendants' descriptors are
+        read. Otherwise only listening sockets not seen before are looked for among the tracked
+        processes; whether a listener is ours is remembered for as long as it listens, so a
+        periodic scan costs one sock_diag dump of the listeners, not a walk of every descriptor."""
         if not self.procs:
             self._listen_ports = set()
             return
-        if pids is None:
-            self._adopt_descendants()
-            pids = list(self.procs)
-        else:
-            pids = self._descendants_of(pids)
-        inodes = set()
-        for pid in pids:
-            inodes |= self.processes.cached_socket_inodes(pid)
-        ports = set()
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for info in self.sockets.dump(family, states=1 << 10):
+        listeners = [info for family in (socket.AF_INET, socket.AF_INET6)
+                     for info in self.sockets.dump(family, states=1 << 10)]
+        if pids is not None:
+            inodes = set()
+            for pid in self._descendants_of(pids):
+                inodes |= self.processes.cached_socket_inodes(pid)
+            for info in listeners:
                 if info.inode in inodes:
-                    ports.add(info.lport)
-        self._listen_ports = ports if len(pids) == len(self.procs) else self._listen_ports | ports
+                    self._listener_ours[info.inode] = True
+        else:
+            self._adopt_descendants()
+            for info in listeners:
+                if info.inode not in self._listener_ours:
+                    known = [p.pid for p in self.procs.values() if p.ident.uid == info.uid]
+                    self._listener_ours[info.inode] = bool(known) and \
+                        self.processes.owner_of(info.inode, known) is not None
+        live = {info.inode for info in listeners}
+        for inode in [i for i in self._listener_ours if i not in live]:
+            del self._listener_ours[inode]
+        self._listen_ports = {info.lport for info in listeners if self._listener_ours.get(info.inode)}
 
     def _descendants_of(self, pids):
         """`pids` and every living descendant of theirs, adopted into their jobs."""

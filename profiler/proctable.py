@@ -36,7 +36,7 @@ class ProcessTable:
         self._fd_cache = {}   # pid -> {fd name: what it pointed to at the last look}
         self._socket_fd = {}  # socket inode -> (pid, fd name) where the cache last saw it
         self._suspect = {}    # pid -> fd names whose socket's connection has ended since
-        self._recent = {}     # pid -> the fd names of the sockets read last (newest at the right)
+        self._recent = {}     # pid -> the fd names of the sockets found last (newest at the right)
         self._top_fd = {}     # pid -> the highest descriptor number read
 
     def identity(self, pid):
@@ -189,6 +189,15 @@ class ProcessTable:
         lowest free number, usually one of these, and a process may hold thousands. Only if that
         finds nothing (some other descriptor number was reused) is every descriptor read again."""
         needle = f"socket:[{inode}]"
+        pid = self._search(needle, pids)
+        if pid is not None:
+            fd = self._socket_fd.get(inode)
+            if fd is not None and fd[0] == pid:
+                # Where the newest sockets are: their numbers are the likeliest to be reused next.
+                self._recent.setdefault(pid, deque(maxlen=RECENT_SOCKETS)).append(fd[1])
+        return pid
+
+    def _search(self, needle, pids):
         for rank, pid in enumerate(pids):
             # Beyond the first few, only the likeliest places: there may be a thousand processes.
             if self._guess(pid, needle, thorough=rank < THOROUGH_GUESSES):
@@ -255,7 +264,6 @@ class ProcessTable:
             self._top_fd[pid] = int(name)
         if target.startswith("socket:["):
             self._socket_fd[int(target[8:-1])] = (pid, name)
-            self._recent.setdefault(pid, deque(maxlen=RECENT_SOCKETS)).append(name)
         return target
 
     def _holds(self, pid, needle, only_new):

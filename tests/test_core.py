@@ -142,9 +142,14 @@ def test_idle_sweep_looks_at_few_sockets_when_no_packet_was_lost(env):
     prof.sweep()                                        # the first sweep sets the loss baseline
     socks.gets = 0
     prof.sweep()
-    # 3,000 live, each looked at once a minute, a sweep every 0.5 s: 25 lookups, not 3,000.
-    assert socks.gets == 25
-    for _ in range(200):                                # ...and within a minute, every one of them
+    # 3,000 live, each looked at once in five minutes, a slice every 10 s: 100 lookups, not 3,000.
+    assert socks.gets == 0                              # the first sweep took this slice
+    socks.gets = 0
+    for _ in range(20):
+        clock.advance(0.5)
+        prof.sweep()
+    assert socks.gets == 100                            # one slice in 10 s
+    for _ in range(600):                                # ...and within five minutes, every one of them
         clock.advance(0.5)
         prof.sweep()
     prof.flush()
