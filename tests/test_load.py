@@ -182,32 +182,18 @@ def test_api_under_200_concurrent_clients(netpair):
 #
 # The scale is the one asked for (1,000 registered processes, 10 connections each, all 10,000 open at once,
 # then all closed), but the SYNs are not all sent at once: the children are let go in waves of 100 (1,000
-# SYNs: each child sends its 10 at once), the next wave when the last has connected. The LIMIT that makes
-# this necessary (measured on the 2-core test machine, service at 9f7aaaf and the work tree of 2026-11-23):
-#   * attributing a new connection reads /proc/PID/fd of the tracked processes of the socket's uid one
-#     after the other (Attribution._holder -> ProcessTable.owner_of), the processes that opened connections
-#     last first, so a process's first connection is looked for after every process that opened one before
-#     it: with 1,000 tracked processes 10-40 ms a SYN, all on the profiler thread (62-81 % of its samples in
-#     owner_of, py-spy);
-#   * the SYNs held during one pass of the profiler loop (up to 5,000 queue items) are released only after
-#     the whole pass is attributed and committed, and NFQUEUE holds at most 4,096 (SynQueue max_len; the
-#     kernel drops the rest, the clients retry after 1, 3, 7, ... s); API calls wait behind the pass too.
-#   All 10,000 SYNs at once (NETPROF_LOAD_WAVE=1000): the SYNs come out in three bursts of 4,096, 4,096 and
-#   1,808, 30-65 s apart; /status answered 503 (10 s timeout) 5 times in 22; on a busier machine (another
-#   test suite running) 1,840 of the 10,000 connects failed with ETIMEDOUT (the SYN retries, ~127 s, ran out).
-#   Children connecting one connection after the other (NETPROF_LOAD_PATTERN=sequential, all at once): about
-#   23 connections/s, each connect() held ~30 s; 5,463 of 10,000 were made in 240 s.
-# Waves of 1,000 SYNs connect in 5-25 s each (the later waves slower: more earlier owners to look through).
-# Registering the 1,000 children takes 30-85 s: each new StartProfile walks every tracked process
-# (_scan_listeners: its fds and children), so registration is quadratic in the number of processes.
+# SYNs: each child sends its 10 at once), the next wave when the last has connected, because NFQUEUE holds
+# at most 4,096 SYNs (SynQueue max_len; the kernel drops the rest and the clients retry after 1, 3, 7 s).
+# History (2-core test machine, 2026-11-23): at 9f7aaaf the full scale passed in ~130 s; at c56f871 the waves
+# took 20-30 s each and the test ran past its 240 s, because attribution read every descriptor of every
+# tracked process in turn and each StartProfile walked every tracked process (_scan_listeners). Since
+# 237ae63 (descriptors guessed before they are listed, processes never looked at listed first, listeners
+# scanned only for the new process, held SYNs committed every 256 or 20 ms) the full scale passes in ~120 s.
 # Environment knobs, to reproduce the limits: NETPROF_LOAD_CHILDREN, NETPROF_LOAD_CONNS,
 # NETPROF_LOAD_PATTERN (parallel: a child's SYNs at once; sequential: one after the other), NETPROF_LOAD_WAVE,
 # NETPROF_LOAD_PYSPY=1 (py-spy dumps of the service every 20 s while the children connect, in its directory).
 
-# The suite runs 300 x 10 (about 35 s); NETPROF_LOAD_CHILDREN=1000 runs the full scale. At 9f7aaaf the full
-# scale passed three times (waves of 1,000 SYNs in 5-10 s, 76 s to connect, ~130 s in all); at c56f871
-# (after 44a4510, "Attribution reads only a process's new file descriptors first") the waves take 20-30 s
-# and the 10 waves need ~245 s, past the 240 s this test allows: the full scale no longer completes in ~5 min.
+# The suite runs 300 x 10 (about 35 s); NETPROF_LOAD_CHILDREN=1000 runs the full scale.
 FAN_CHILDREN = int(os.environ.get("NETPROF_LOAD_CHILDREN", "300"))
 FAN_CONNS = int(os.environ.get("NETPROF_LOAD_CONNS", "10"))
 FAN_PATTERN = os.environ.get("NETPROF_LOAD_PATTERN", "parallel")
