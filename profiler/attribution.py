@@ -10,7 +10,7 @@ from .model import TrackedProcess
 RESOLVE_DELAYS = (0.001, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.5)
 # While the connection waits to be accepted (or its SYN is still held), look this often, for this long.
 ACCEPT_POLL = 0.001
-PRE_ACCEPT_WINDOW = 0.2
+PRE_ACCEPT_WINDOW = 0.05
 # States in which an inbound socket without an inode is still waiting in the listener's queue;
 # in the others it has been closed by the process that accepted it.
 PRE_ACCEPT_STATES = {"SYN_RECV", "ESTABLISHED", "CLOSE_WAIT"}

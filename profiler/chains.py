@@ -17,7 +17,7 @@ of a few dozen connections, instead of every rule.
 """
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 PREFIX = "NETPROF"
@@ -50,6 +50,14 @@ class Counters:
     in_bytes: int = 0
     out_packets: int = 0
     out_bytes: int = 0
+    # How many rules were read per direction, when read from the kernel (None: not known). A
+    # direction with none lost its rule to another program: its bytes are not all here.
+    in_rules: int = field(default=None, compare=False)
+    out_rules: int = field(default=None, compare=False)
+
+    @property
+    def one_side_missing(self):
+        return self.in_rules == 0 or self.out_rules == 0
 
 
 @dataclass(frozen=True)

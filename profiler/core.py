@@ -85,6 +85,8 @@ class Profiler(Attribution, Restart, Requests):
         self._ended = {}          # cid -> Connection that has ended and waits out CLOSE_LINGER
         self._listener_ours = {}  # listening socket inode -> whether a tracked process holds it
         self._remove_since = None  # monotonic time the oldest waiting removal was first deferred
+        self._capture_broken = False  # whether a capture was failing or stopped at the last sweep
+        self._received_seen = {}  # interface -> packets its capture had passed at the last sweep
         self._lost_seen = 0       # packets the captures and our queue had lost at the last sweep
         self._loss_check_left = 0  # live connections still to look at since packets were lost
         self._last_owner = {}     # pid -> when it last owned a new connection (a counter)
@@ -462,6 +464,9 @@ class Profiler(Attribution, Restart, Requests):
         source, note = "rules", conn.incomplete_reason
         if counters is None:
             counters, note = Counters(), "rules vanished before they were read"
+        elif counters.one_side_missing:
+            complete = False
+            note = note or "one of its two rules was removed by another program"
         if not complete and self.conntrack is not None:
             ct = self._conntrack_counts(conn)
             if ct is not None and ct.in_bytes >= counters.in_bytes and ct.out_bytes >= counters.out_bytes:
@@ -574,10 +579,16 @@ class Profiler(Attribution, Restart, Requests):
             stats = {}
         lost = self.stats["events_dropped"] + sum(s.get("dropped", 0) + s.get("if_dropped", 0)
                                                   for s in stats.values())
-        broken = any("error" in s for s in stats.values())
-        changed = lost != self._lost_seen   # more drops, or a capture reopened and began counting anew
-        self._lost_seen = lost
-        return changed or broken
+        broken = (any("error" in s for s in stats.values())
+                  or any(not st.get("capturing", True) for st in self.capture_status.values()))
+        received = {iface: s.get("received", 0) for iface, s in stats.items()}
+        # A capture that reopened counts from 0 again: whatever passed meanwhile went unseen.
+        reopened = any(n < self._received_seen.get(iface, 0) for iface, n in received.items())
+        changed = lost != self._lost_seen
+        # Once when a capture stops and once when it runs again, not at every sweep in between.
+        turned = broken != self._capture_broken
+        self._lost_seen, self._received_seen, self._capture_broken = lost, received, broken
+        return changed or turned or reopened
 
     def verify_rules(self):
         """Another program may flush, delete or reorder our rules: notice, repair, and say so."""
@@ -605,6 +616,7 @@ class Profiler(Attribution, Restart, Requests):
         periodic scan costs one sock_diag dump of the listeners, not a walk of every descriptor."""
         if not self.procs:
             self._listen_ports = set()
+            self._listener_ours.clear()
             return
         listeners = [info for family in (socket.AF_INET, socket.AF_INET6)
                      for info in self.sockets.dump(family, states=1 << 10)]

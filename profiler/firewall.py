@@ -20,6 +20,7 @@ changes are batched into one commit because each commit rewrites the table.
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import socket
 import struct
@@ -34,6 +35,8 @@ from .chains import (CT_CHAIN, HOLD_IN, HOLD_OUT, PREFIX, Counters, RuleSpec, ch
 from .errors import FirewallError
 
 __all__ = ["Counters", "RuleSpec", "Leftover", "IptablesFirewall", "XtablesLock", "chain_names"]
+
+log = logging.getLogger("netprofiler")
 
 LOCK_PATH = "/run/xtables.lock"
 COMMENT_MAX = 255   # xt_comment_info holds 256 bytes, the last a NUL
@@ -238,7 +241,8 @@ class IptablesFirewall:
         self._mangles = {}
         self._installed = {}  # cid -> RuleSpec
         self._hold = (frozenset(), frozenset())
-        self._committed = {}  # family -> table_info() right after our last commit of its filter table
+        self._committed = {}  # (family, table) -> table_info() right after our last commit of it
+        self._foreign = set()   # (family, table) changed by another program since verify() last looked
 
     @property
     def rule_count(self):
@@ -271,18 +275,32 @@ class IptablesFirewall:
     @contextmanager
     def _cycle(self, fam):
         """refresh, modify, commit, all under the xtables lock."""
+        key = (fam.family, fam.table.name)
         with self.lock.held():
+            # Whatever another program changed since our last commit is about to be read and
+            # committed along with our change: remember that it happened, for verify().
+            before = self._summary(key)
+            if before is None or before != self._committed.get(key, before):
+                self._foreign.add(key)
             try:
                 fam.table.refresh()
                 yield
                 fam.table.commit()
-                self._committed[fam.family] = table_info(fam.family, fam.table.name)
+                self._committed[key] = self._summary(key)
             except iptc.IPTCError as exc:
                 try:
                     fam.table.refresh()
                 except iptc.IPTCError:
                     pass
                 raise FirewallError(f"{self._fname(fam.family)} netfilter change failed: {exc}") from None
+
+    def _summary(self, key):
+        """table_info() of (family, table), or None (and no cheap verification) if it cannot be read."""
+        try:
+            return table_info(*key)
+        except (FirewallError, OSError) as exc:
+            log.warning("cannot read the summary of the %s table: %s", key[1], exc)
+            return None
 
     # --- setup and teardown -------------------------------------------------
 
@@ -509,11 +527,11 @@ class IptablesFirewall:
                 # Summed: should a connection have two rules in one direction (a repair or a restart
                 # put one back beside a survivor), a packet RETURNs from the first it matches, so
                 # each counted byte is in exactly one of them.
-                c = found.get(parsed[0], Counters())
+                c = found.get(parsed[0], Counters(in_rules=0, out_rules=0))
                 found[parsed[0]] = (Counters(c.in_packets + packets, c.in_bytes + nbytes, c.out_packets,
-                                             c.out_bytes) if inbound
+                                             c.out_bytes, c.in_rules + 1, c.out_rules) if inbound
                                     else Counters(c.in_packets, c.in_bytes, c.out_packets + packets,
-                                                  c.out_bytes + nbytes))
+                                                  c.out_bytes + nbytes, c.in_rules, c.out_rules + 1))
                 doomed.append(index)
             if delete:
                 for index in reversed(doomed):   # from the end, so that earlier numbers stay valid
@@ -579,12 +597,11 @@ class IptablesFirewall:
         fixes, missing = [], set()
         for family in {s.family for s in self._installed.values()} | {socket.AF_INET}:
             fam = self._fam(family)
-            if not full and family in self._committed:
-                try:
-                    if table_info(family, fam.table.name) == self._committed[family]:
-                        continue
-                except FirewallError:
-                    pass
+            key = (family, fam.table.name)
+            if not full and key not in self._foreign and self._committed.get(key) is not None:
+                if self._summary(key) == self._committed[key]:
+                    continue
+            self._foreign.discard(key)
             expected = {cid: spec for cid, spec in self._installed.items() if spec.family == family}
             with self._cycle(fam):
                 structural = self._ensure_structure(fam)

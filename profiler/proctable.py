@@ -28,6 +28,10 @@ RECENT_SOCKETS = 64
 GUESS_ABOVE = 4
 # The processes that owned sockets last are guessed at thoroughly; the others only cheaply.
 THOROUGH_GUESSES = 4
+# In the likeliest owners with at most this many descriptors, the GUESS_LOW lowest-numbered
+# non-socket ones are tried too.
+SMALL_PROCESS = 256
+GUESS_LOW = 8
 
 
 class ProcessTable:
@@ -202,14 +206,27 @@ class ProcessTable:
             # Beyond the first few, only the likeliest places: there may be a thousand processes.
             if self._guess(pid, needle, thorough=rank < THOROUGH_GUESSES):
                 return pid
+        # The likeliest owners (the callers order `pids` so) are looked at in full first: a process
+        # opening several connections is looked for once per connection.
+        likely, rest = pids[:THOROUGH_GUESSES], pids[THOROUGH_GUESSES:]
+        for pid in likely:
+            if self._holds(pid, needle, only_new=True) or self._holds_reused(pid, needle):
+                return pid
         # Processes never looked at first: a new socket of an unknown process is most likely theirs.
-        for pid in sorted(pids, key=lambda pid: pid in self._fd_cache):
+        rest = sorted(rest, key=lambda pid: pid in self._fd_cache)
+        for pid in rest:
             if self._holds(pid, needle, only_new=True):
                 return pid
-        for pid in pids:
+        for pid in rest:
             if self._holds_reused(pid, needle):
                 return pid
         return None
+
+    def _drop(self, pid, name, cache):
+        """Descriptor `name` of `pid` no longer points where the cache says."""
+        target = cache.pop(name, "")
+        if target.startswith("socket:[") and self._socket_fd.get(int(target[8:-1])) == (pid, name):
+            del self._socket_fd[int(target[8:-1])]
 
     def _guess(self, pid, needle, thorough=True):
         """Read only where a new socket most likely is, without listing the descriptors: those whose
@@ -224,14 +241,28 @@ class ProcessTable:
         candidates = list(suspects) + [str(top + i) for i in range(1, (GUESS_ABOVE if thorough else 1) + 1)]
         if thorough:
             candidates += reversed(self._recent.get(pid, ()))
-        tried = set()
+        if thorough and len(cache) <= SMALL_PROCESS:
+            # A small process that closed files since we looked (a forked child closing what it
+            # inherited): its new socket takes the lowest of their numbers.
+            candidates += _lowest_non_sockets(cache, GUESS_LOW)
+        tried, still = set(), set()
         for name in candidates:
             if name in tried:
                 continue
             tried.add(name)
-            if self._read(pid, fd_dir, name, cache) == needle:
+            before = cache.get(name)
+            target = self._read(pid, fd_dir, name, cache)
+            if target == needle:
+                self._keep_suspect(pid, still)
                 return True
+            if name in suspects and target is not None and target == before:
+                still.add(name)   # its connection ended but the process has not closed it yet
+        self._keep_suspect(pid, still)
         return False
+
+    def _keep_suspect(self, pid, names):
+        if names:
+            self._suspect.setdefault(pid, set()).update(names)
 
     def _holds_reused(self, pid, needle):
         """Whether `pid` holds `needle` behind a descriptor number it reused, reading the numbers
@@ -256,10 +287,13 @@ class ProcessTable:
 
     def _read(self, pid, fd_dir, name, cache):
         try:
-            cache[name] = target = os.readlink(f"{fd_dir}/{name}")
+            target = os.readlink(f"{fd_dir}/{name}")
         except OSError:
-            cache.pop(name, None)
+            self._drop(pid, name, cache)
             return None
+        if cache.get(name, target) != target:
+            self._drop(pid, name, cache)
+        cache[name] = target
         if name.isdigit() and int(name) > self._top_fd.get(pid, 0):
             self._top_fd[pid] = int(name)
         if target.startswith("socket:["):
@@ -277,7 +311,7 @@ class ProcessTable:
         current = set(names)
         if len(cache) > len(names) or not only_new:
             for gone in set(cache) - current:
-                del cache[gone]
+                self._drop(pid, gone, cache)
         if only_new:
             todo = current.difference(cache) | (self._suspect.pop(pid, set()) & current)
         else:
@@ -285,8 +319,19 @@ class ProcessTable:
             self._suspect.pop(pid, None)
         found = False
         for name in todo:
-            found = self._read(pid, fd_dir, name, cache) == needle or found
+            target = self._read(pid, fd_dir, name, cache)
+            if only_new and target is not None and target.startswith("socket:["):
+                # A process that opened one socket since the last look often opened several: the
+                # next lookups try these first.
+                self._recent.setdefault(pid, deque(maxlen=RECENT_SOCKETS)).append(name)
+            found = target == needle or found
         return found
+
+
+def _lowest_non_sockets(cache, n):
+    nums = sorted(int(name) for name, target in cache.items()
+                  if name.isdigit() and int(name) > 2 and not target.startswith("socket:["))
+    return [str(num) for num in nums[:n]]
 
 
 def _newest_first(target):

@@ -81,6 +81,7 @@ class Requests:
         self.flush()
         for p in members:
             self.procs.pop(p, None)
+            self.processes.forget(p)
             self._last_owner.pop(p, None)
             self._dropped_procs.add(p)
         job.roots.discard(pid)
@@ -98,6 +99,7 @@ class Requests:
         self.flush()
         for pid in [p for p, t in self.procs.items() if t.job == job_id]:
             del self.procs[pid]
+            self.processes.forget(pid)
             self._last_owner.pop(pid, None)
         del self.jobs[job_id]
         self._dropped_jobs.add(job_id)

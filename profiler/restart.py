@@ -48,6 +48,8 @@ class Restart:
                 self._want_rules(conn)
         self._scan_listeners()
         self._discover_connections()
+        # FINs and RSTs sent while we were down were seen by no one: look at every socket.
+        self._loss_check_left = len(self.conns)
         self.flush()
 
     def _discover_connections(self):
