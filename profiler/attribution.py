@@ -11,6 +11,8 @@ RESOLVE_DELAYS = (0.001, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128,
 # While the connection waits to be accepted (or its SYN is still held), look this often, for this long.
 ACCEPT_POLL = 0.001
 PRE_ACCEPT_WINDOW = 0.05
+# Socket lookups one pass of resolve_accepted may make (about 0.1 ms each).
+RESOLVE_LOOKS_PER_PASS = 64
 # States in which an inbound socket without an inode is still waiting in the listener's queue;
 # in the others it has been closed by the process that accepted it.
 PRE_ACCEPT_STATES = {"SYN_RECV", "ESTABLISHED", "CLOSE_WAIT"}
@@ -84,10 +86,16 @@ class Attribution:
         ACCEPT_POLL, without using up one of the RESOLVE_DELAYS, because a pre-forked worker may
         accept, serve and close a short connection within a few milliseconds of the handshake."""
         now = self.clock.monotonic()
+        looks = 0
         for cid, entry in list(self._unresolved.items()):
             conn, attempts, due = entry[:3]
             if not force and now < due:
                 continue
+            if looks >= RESOLVE_LOOKS_PER_PASS:
+                # A deep accept queue must not starve held SYNs and the API: the rest next time.
+                entry[2] = now + ACCEPT_POLL
+                continue
+            looks += 1
             info = self.sockets.get(conn.family, conn.local, conn.lport, conn.remote, conn.rport)
             if info is not None and info.inode and info.state != "LISTEN":
                 # Children first: after accept-then-fork both hold the socket for a moment, and the

@@ -114,11 +114,12 @@ class Service:
             from .metrics import Metrics
             app = make_app(self.profiler, self.request_shutdown, metrics=Metrics(self.profiler),
                            token=self.config.api_token)
-            self.api = ApiServer(app, self.config.bind_address, port)
-            self.api.start()
+            # The unix socket first: once /status answers on TCP (the readiness check), both are ready.
             if self.config.api_socket:
                 self.unix_api = ApiServer(app, unix_path=self.config.api_socket)
                 self.unix_api.start()
+            self.api = ApiServer(app, self.config.bind_address, port)
+            self.api.start()
         log.info("netprofiler running on %s%s", ", ".join(self.config.interfaces),
                  f", API on {self.config.bind_address}:{self.api.port}" if self.api else "")
 

@@ -198,6 +198,29 @@ def test_accepted_connection_found_through_the_listener(env):
     assert conn.outgoing is False
 
 
+def test_a_deep_accept_queue_is_looked_at_a_slice_at_a_time(env):
+    """Connections waiting to be accepted are polled every millisecond, but one pass looks at no
+    more than RESOLVE_LOOKS_PER_PASS of them: held SYNs and API calls must not wait behind them."""
+    from profiler.attribution import RESOLVE_LOOKS_PER_PASS
+    prof, fw, procs, _, sink, clock = env
+    socks = prof.sockets = CountingSockets()
+    register(prof, procs, inodes={55})
+    socks.listen(L, 9100, inode=55)
+    for i in range(200):
+        socks.connect(L, 9100, R, 40000 + i, inode=0, state="ESTABLISHED")   # queued, not accepted
+        prof.on_packet(ev(R, 40000 + i, L, 9100, SYN))
+    prof.flush()
+    assert len(prof._unresolved) == 200
+    socks.gets = 0
+    prof.resolve_accepted()
+    assert socks.gets == RESOLVE_LOOKS_PER_PASS
+    clock.advance(0.001)
+    socks.gets = 0
+    prof.resolve_accepted()
+    assert socks.gets == RESOLVE_LOOKS_PER_PASS
+    assert len(prof._unresolved) == 200          # still waiting to be accepted: none given up
+
+
 def test_gc_reclaims_ended_connections_and_reports_untracked_when_full(env, caplog):
     prof, fw, procs, socks, sink, clock = env
     prof.config = Config(interfaces=("eth9",), rules_threshold=4, close_linger=100.0)
