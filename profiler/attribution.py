@@ -68,16 +68,21 @@ class Attribution:
                                                  root=min(job.roots) if job.roots else pid)
                 self._dirty_procs.add(pid)
                 new += 1
-        stack = list(self.procs)
+        before = len(self.procs)
+        self._descendants_of(list(self.procs))
+        return new + len(self.procs) - before
+
+    def _descendants_of(self, pids):
+        """`pids` and every living descendant of theirs; the untracked ones join their ancestor's job."""
+        out, seen, stack = [], set(pids), list(pids)
         while stack:
-            parent = stack.pop()
-            for child in self.processes.children(parent):
-                if child in self.procs:
-                    continue
-                if self._adopt(child, parent) is not None:
-                    new += 1
+            pid = stack.pop()
+            out.append(pid)
+            for child in self.processes.children(pid):
+                if child not in seen and (child in self.procs or self._adopt(child, pid) is not None):
+                    seen.add(child)
                     stack.append(child)
-        return new
+        return out
 
     def resolve_accepted(self, force=False):
         """Attribute accepted connections to the process holding the accepted socket.
@@ -88,7 +93,7 @@ class Attribution:
         now = self.clock.monotonic()
         looks = 0
         for cid, entry in list(self._unresolved.items()):
-            conn, attempts, due = entry[:3]
+            conn, attempts, due, _ = entry
             if not force and now < due:
                 continue
             if looks >= RESOLVE_LOOKS_PER_PASS:
@@ -107,8 +112,8 @@ class Attribution:
             elif (not conn.end_reason and conn.pid_source == "listener"
                   and (info is None or info.state in PRE_ACCEPT_STATES or info.state == "LISTEN")):
                 # Not accepted yet: the listener itself answers while the SYN is held or in flight.
-                if len(entry) < 4:
-                    entry.append(now + PRE_ACCEPT_WINDOW)
+                if entry[3] is None:
+                    entry[3] = now + PRE_ACCEPT_WINDOW
                 if now < entry[3]:
                     entry[2] = now + ACCEPT_POLL
                     continue

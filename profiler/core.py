@@ -32,12 +32,12 @@ BACKGROUND_CHECK_STEP = 10.0   # ...a slice of them this often
 # In a backlog of events, the held SYNs are committed and let go after this many, or after this
 # many seconds of work, rather than after the whole backlog.
 HELD_FLUSH_COUNT = 256
+HELD_FLUSH_AFTER = 0.02
 # Every this many VERIFY_INTERVALs, every rule is read; in between, only the tables' summaries.
 FULL_VERIFY_EVERY = 6
 # Harvests (rule removals) alone are committed at most this often, unless this many are waiting.
 HARVEST_BATCH_WAIT = 0.1
 HARVEST_BATCH_MAX = 2000
-HELD_FLUSH_AFTER = 0.02
 
 log = logging.getLogger("netprofiler")
 
@@ -80,7 +80,8 @@ class Profiler(Attribution, Restart, Requests):
         self._held_releases = []
         self._ifnames = {}
         self._listen_ports = set()
-        self._unresolved = {}     # cid -> [Connection, attempts, next attempt (monotonic)]
+        # cid -> [Connection, attempts, next look (monotonic), end of the accept-queue polling or None]
+        self._unresolved = {}
         self._next_background_check = 0.0
         self._ended = {}          # cid -> Connection that has ended and waits out CLOSE_LINGER
         self._listener_ours = {}  # listening socket inode -> whether a tracked process holds it
@@ -315,7 +316,7 @@ class Profiler(Attribution, Restart, Requests):
             if not outgoing:
                 # The listener's owner may not be the process that accepts: workers forked after
                 # listen() share the socket. Look again once the connection has been accepted.
-                self._unresolved[conn.cid] = [conn, 0, self.clock.monotonic()]
+                self._unresolved[conn.cid] = [conn, 0, self.clock.monotonic(), None]
             self._want_rules(conn)
 
     def _interface_for(self, local_ip):
@@ -545,9 +546,9 @@ class Profiler(Attribution, Restart, Requests):
 
         Packets are lost only when a capture drops some, fails or reopens, or our queue overflows;
         then every live connection is looked at, LOSS_CHECK_BUDGET a sweep. Otherwise each is looked
-        at once every BACKGROUND_CHECK_PERIOD (a socket may also vanish silently, e.g. timed out: its
-        count is final by then, only its record comes later),
-        which at 10,000 live connections costs a few lookups a sweep, not thousands."""
+        at once every BACKGROUND_CHECK_PERIOD, a slice every BACKGROUND_CHECK_STEP: a socket may also
+        vanish silently (timed out), but its count is final by then, only its record comes later;
+        at 10,000 live connections that is a few hundred lookups every 10 s, not thousands a sweep."""
         if self._packets_lost():
             self._loss_check_left = len(self.conns)
         if self._loss_check_left <= 0 and now < self._next_background_check:
@@ -638,17 +639,6 @@ class Profiler(Attribution, Restart, Requests):
         for inode in [i for i in self._listener_ours if i not in live]:
             del self._listener_ours[inode]
         self._listen_ports = {info.lport for info in listeners if self._listener_ours.get(info.inode)}
-
-    def _descendants_of(self, pids):
-        """`pids` and every living descendant of theirs, adopted into their jobs."""
-        out, stack = [], list(pids)
-        while stack:
-            pid = stack.pop()
-            out.append(pid)
-            for child in self.processes.children(pid):
-                if child in self.procs or self._adopt(child, pid) is not None:
-                    stack.append(child)
-        return out
 
     def shutdown(self):
         live = list(self.conns.values())

@@ -93,7 +93,8 @@ class _PairTemplate:
         buf = rule.rule
         self.raw = bytes(ctypes.string_at(ctypes.addressof(buf), ctypes.sizeof(buf)))
         # ipt_entry.ip / ip6t_entry.ipv6 comes first: source, then destination address.
-        assert self.raw[:2 * self.addr_len] == socket.inet_pton(fam.family, src) + socket.inet_pton(fam.family, dst)
+        if self.raw[:2 * self.addr_len] != socket.inet_pton(fam.family, src) + socket.inet_pton(fam.family, dst):
+            raise FirewallError("unexpected layout of a python-iptables rule")
         # xt_tcp: spts[2], dpts[2] as host-order u16.
         self.sport_at = self._find(struct.pack("=HH", self._SPORT, self._SPORT))
         self.dport_at = self._find(struct.pack("=HH", self._DPORT, self._DPORT))
@@ -601,7 +602,6 @@ class IptablesFirewall:
             if not full and key not in self._foreign and self._committed.get(key) is not None:
                 if self._summary(key) == self._committed[key]:
                     continue
-            self._foreign.discard(key)
             expected = {cid: spec for cid, spec in self._installed.items() if spec.family == family}
             with self._cycle(fam):
                 structural = self._ensure_structure(fam)
@@ -620,9 +620,11 @@ class IptablesFirewall:
                 half = {cid for cid in broken if counts.get(cid)}
                 if half:
                     self._counters(fam, half, delete=True)
-                existing, jumps = {c.name for c in fam.table.chains}, {}
+                existing, jumps = _ChainSet(fam.table), {}
                 for cid in broken:
                     self._insert_pair(fam, expected[cid], existing, jumps)
+            # Only now: this cycle's own check of the summary saw the same foreign change again.
+            self._foreign.discard(key)
         if missing:
             fixes.append(f"{len(missing)} connections' rules were removed or bypassed")
         return fixes, missing

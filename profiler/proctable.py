@@ -143,19 +143,6 @@ class ProcessTable:
                     continue
         return pids
 
-    def _fd_targets(self, pid):
-        """What each open file descriptor of `pid` points to ('socket:[123]', '/dev/null', ...)."""
-        fd_dir = f"{self._proc}/{pid}/fd"
-        try:
-            names = os.listdir(fd_dir)
-        except OSError:
-            return
-        for name in names:
-            try:
-                yield os.readlink(f"{fd_dir}/{name}")
-            except OSError:
-                continue
-
     def socket_inodes(self, pid):
         """Every socket `pid` holds, read afresh (and the cache brought up to date)."""
         self._holds(pid, None, only_new=False)
@@ -165,7 +152,8 @@ class ProcessTable:
         """The sockets `pid` holds as far as the cache knows, after reading only its new and
         suspect descriptors: cheap for a process holding thousands of sockets."""
         self._holds(pid, None, only_new=True)
-        return {int(t[8:-1]) for t in self._fd_cache.get(pid, {}).values() if t.startswith("socket:[")}
+        inodes = (_socket_inode(t) for t in self._fd_cache.get(pid, {}).values())
+        return {inode for inode in inodes if inode is not None}
 
     def socket_closed(self, inode):
         """The connection on socket `inode` has ended: the descriptor that held it is about to be
@@ -176,11 +164,9 @@ class ProcessTable:
 
     def forget(self, pid):
         """`pid` has exited: drop what the cache knows of it."""
-        for target in self._fd_cache.pop(pid, {}).values():
-            if target.startswith("socket:["):
-                inode = int(target[8:-1])
-                if self._socket_fd.get(inode, (None,))[0] == pid:
-                    del self._socket_fd[inode]
+        cache = self._fd_cache.pop(pid, {})
+        for name in list(cache):
+            self._drop(pid, name, cache)
         self._suspect.pop(pid, None)
         self._recent.pop(pid, None)
         self._top_fd.pop(pid, None)
@@ -194,12 +180,15 @@ class ProcessTable:
         finds nothing (some other descriptor number was reused) is every descriptor read again."""
         needle = f"socket:[{inode}]"
         pid = self._search(needle, pids)
-        if pid is not None:
-            fd = self._socket_fd.get(inode)
-            if fd is not None and fd[0] == pid:
-                # Where the newest sockets are: their numbers are the likeliest to be reused next.
-                self._recent.setdefault(pid, deque(maxlen=RECENT_SOCKETS)).append(fd[1])
+        where = self._socket_fd.get(inode)
+        if pid is not None and where is not None and where[0] == pid:
+            self._remember(pid, where[1])
         return pid
+
+    def _remember(self, pid, name):
+        """Descriptor `name` of `pid` holds a new socket: the newest sockets' numbers are the
+        likeliest to be reused next, and a process that opened one often opened several."""
+        self._recent.setdefault(pid, deque(maxlen=RECENT_SOCKETS)).append(name)
 
     def _search(self, needle, pids):
         for rank, pid in enumerate(pids):
@@ -224,14 +213,14 @@ class ProcessTable:
 
     def _drop(self, pid, name, cache):
         """Descriptor `name` of `pid` no longer points where the cache says."""
-        target = cache.pop(name, "")
-        if target.startswith("socket:[") and self._socket_fd.get(int(target[8:-1])) == (pid, name):
-            del self._socket_fd[int(target[8:-1])]
+        inode = _socket_inode(cache.pop(name, ""))
+        if inode is not None and self._socket_fd.get(inode) == (pid, name):
+            del self._socket_fd[inode]
 
     def _guess(self, pid, needle, thorough=True):
         """Read only where a new socket most likely is, without listing the descriptors: those whose
-        connection ended, the numbers just above the highest known, and (`thorough`) those of
-        recent sockets."""
+        connection ended, the numbers just above the highest known and, when `thorough`, those of
+        recent sockets and (in a small process) the lowest numbers not holding a socket."""
         cache = self._fd_cache.get(pid)
         if not cache:
             return False
@@ -241,28 +230,23 @@ class ProcessTable:
         candidates = list(suspects) + [str(top + i) for i in range(1, (GUESS_ABOVE if thorough else 1) + 1)]
         if thorough:
             candidates += reversed(self._recent.get(pid, ()))
-        if thorough and len(cache) <= SMALL_PROCESS:
-            # A small process that closed files since we looked (a forked child closing what it
-            # inherited): its new socket takes the lowest of their numbers.
-            candidates += _lowest_non_sockets(cache, GUESS_LOW)
-        tried, still = set(), set()
-        for name in candidates:
-            if name in tried:
-                continue
-            tried.add(name)
+            if len(cache) <= SMALL_PROCESS:
+                # A small process that closed files since we looked (a forked child closing what
+                # it inherited): its new socket takes the lowest of their numbers.
+                candidates += _lowest_non_sockets(cache, GUESS_LOW)
+        found, settled = False, set()
+        for name in dict.fromkeys(candidates):
             before = cache.get(name)
             target = self._read(pid, fd_dir, name, cache)
+            if target != before:
+                settled.add(name)   # closed or reused since: a suspect no longer
             if target == needle:
-                self._keep_suspect(pid, still)
-                return True
-            if name in suspects and target is not None and target == before:
-                still.add(name)   # its connection ended but the process has not closed it yet
-        self._keep_suspect(pid, still)
-        return False
-
-    def _keep_suspect(self, pid, names):
-        if names:
-            self._suspect.setdefault(pid, set()).update(names)
+                found = True
+                break
+        left = suspects - settled   # ended connections whose descriptor the process still holds
+        if left:
+            self._suspect.setdefault(pid, set()).update(left)
+        return found
 
     def _holds_reused(self, pid, needle):
         """Whether `pid` holds `needle` behind a descriptor number it reused, reading the numbers
@@ -272,18 +256,9 @@ class ProcessTable:
         if cache is None:
             return self._holds(pid, needle, only_new=False)
         fd_dir = f"{self._proc}/{pid}/fd"
-        recent = list(reversed(self._recent.get(pid, ())))
-        seen = set()
-        for batch in (recent, None):
-            if batch is None:
-                batch = sorted(set(cache) - seen, key=lambda name: _newest_first(cache.get(name, "")))
-            for name in batch:
-                if name in seen or name not in cache:
-                    continue
-                seen.add(name)
-                if self._read(pid, fd_dir, name, cache) == needle:
-                    return True
-        return False
+        recent = [name for name in reversed(self._recent.get(pid, ())) if name in cache]
+        others = sorted(set(cache).difference(recent), key=lambda name: -(_socket_inode(cache[name]) or 0))
+        return any(self._read(pid, fd_dir, name, cache) == needle for name in dict.fromkeys(recent + others))
 
     def _read(self, pid, fd_dir, name, cache):
         try:
@@ -296,8 +271,9 @@ class ProcessTable:
         cache[name] = target
         if name.isdigit() and int(name) > self._top_fd.get(pid, 0):
             self._top_fd[pid] = int(name)
-        if target.startswith("socket:["):
-            self._socket_fd[int(target[8:-1])] = (pid, name)
+        inode = _socket_inode(target)
+        if inode is not None:
+            self._socket_fd[inode] = (pid, name)
         return target
 
     def _holds(self, pid, needle, only_new):
@@ -320,19 +296,18 @@ class ProcessTable:
         found = False
         for name in todo:
             target = self._read(pid, fd_dir, name, cache)
-            if only_new and target is not None and target.startswith("socket:["):
-                # A process that opened one socket since the last look often opened several: the
-                # next lookups try these first.
-                self._recent.setdefault(pid, deque(maxlen=RECENT_SOCKETS)).append(name)
+            if only_new and _socket_inode(target) is not None:
+                self._remember(pid, name)
             found = target == needle or found
         return found
 
 
+def _socket_inode(target):
+    """The inode in a descriptor's target 'socket:[123]', or None for anything else."""
+    return int(target[8:-1]) if target and target.startswith("socket:[") else None
+
+
 def _lowest_non_sockets(cache, n):
     nums = sorted(int(name) for name, target in cache.items()
-                  if name.isdigit() and int(name) > 2 and not target.startswith("socket:["))
+                  if name.isdigit() and int(name) > 2 and _socket_inode(target) is None)
     return [str(num) for num in nums[:n]]
-
-
-def _newest_first(target):
-    return -int(target[8:-1]) if target.startswith("socket:[") else 0

@@ -116,15 +116,6 @@ def test_lost_fin_is_caught_by_the_socket_sweep(env):
     assert [r.reason for r in sink.records] == ["closed"]
 
 
-def _many_live_with_one_lost_fin(prof, procs, socks, clock, n=3000):
-    prof.config = dataclasses.replace(prof.config, rules_threshold=100_000)
-    register(prof, procs, inodes=set(range(1, n + 1)))
-    for i in range(n):
-        open_conn(prof, socks, 10000 + i, i + 1)
-    socks.close(L, 10000 + n // 2, R, 80)            # closed, but no FIN reached us
-    clock.advance(2)
-
-
 class CountingSockets(FakeSockets):
     def __init__(self):
         super().__init__()
@@ -135,16 +126,27 @@ class CountingSockets(FakeSockets):
         return super().get(*args)
 
 
+def _many_live_with_one_lost_fin(prof, procs, clock, n=3000):
+    """n live connections, one of them closed without a FIN reaching us, after one sweep (which sets
+    the loss baseline); socket lookups are counted from here on."""
+    socks = prof.sockets = CountingSockets()
+    prof.config = dataclasses.replace(prof.config, rules_threshold=100_000)
+    register(prof, procs, inodes=set(range(1, n + 1)))
+    for i in range(n):
+        open_conn(prof, socks, 10000 + i, i + 1)
+    socks.close(L, 10000 + n // 2, R, 80)
+    clock.advance(2)
+    prof.sweep()
+    socks.gets = 0
+    return socks
+
+
 def test_idle_sweep_looks_at_few_sockets_when_no_packet_was_lost(env):
     prof, fw, procs, _, sink, clock = env
-    socks = prof.sockets = CountingSockets()
-    _many_live_with_one_lost_fin(prof, procs, socks, clock)
-    prof.sweep()                                        # the first sweep sets the loss baseline
-    socks.gets = 0
+    socks = _many_live_with_one_lost_fin(prof, procs, clock)
     prof.sweep()
+    assert socks.gets == 0                              # the first sweep took this 10 s's slice
     # 3,000 live, each looked at once in five minutes, a slice every 10 s: 100 lookups, not 3,000.
-    assert socks.gets == 0                              # the first sweep took this slice
-    socks.gets = 0
     for _ in range(20):
         clock.advance(0.5)
         prof.sweep()
@@ -158,13 +160,10 @@ def test_idle_sweep_looks_at_few_sockets_when_no_packet_was_lost(env):
 
 def test_lost_packets_make_the_sweep_look_at_every_socket_at_once(env):
     prof, fw, procs, _, sink, clock = env
-    socks = prof.sockets = CountingSockets()
     drops = {"eth9": {"received": 10, "dropped": 0, "if_dropped": 0}}
     prof.capture_stats = lambda: drops
-    _many_live_with_one_lost_fin(prof, procs, socks, clock)
-    prof.sweep()
+    socks = _many_live_with_one_lost_fin(prof, procs, clock)
     drops["eth9"]["dropped"] = 7                        # the capture lost packets: maybe that FIN
-    socks.gets = 0
     prof.sweep()
     assert socks.gets == 2000                           # LOSS_CHECK_BUDGET
     prof.sweep()
