@@ -1,4 +1,4 @@
-"""The layout of our chains: names, the tree a packet walks, and the comment on each rule.
+"""The layout of our chains: names, and the tree a packet walks.
 
 Pure logic, no netfilter calls. With thousands of live connections a flat chain
 makes every packet walk thousands of rules (5-15 ns each). Instead each
@@ -14,11 +14,15 @@ connections (the ephemeral port): block L when that is the local port (as for
 outgoing connections), block R when it is the remote one (a tracked server's
 clients). A packet walks at most 16 + 16 dispatch rules a block, then a leaf
 of a few dozen connections, instead of every rule.
+
+A connection rule carries no comment: its leaf (direction, interface) and its
+exact 4-tuple say which connection it counts, and the durable state (written
+before the rules are installed) says whose connection that is. A comment match
+is 288 bytes of a rule's 488, and every commit copies the whole table: without
+it a commit of 10,000 rules costs a quarter of the time.
 """
 import re
-import sys
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote
 
 PREFIX = "NETPROF"
 CT_CHAIN = f"{PREFIX}_CT"
@@ -39,9 +43,10 @@ class RuleSpec:
     pid: int = 0
     job: str = ""
 
-    def comment(self):
-        # Enough to attribute the counters after a crash; the kernel caps comments at 255 chars.
-        return f"netprof {self.cid} {self.pid} {quote(self.job, safe='')}"[:255]
+    def tuples(self):
+        """(leaf, (src, sport, dst, dport)) of the inbound and the outbound rule."""
+        return ((path(self, "I")[1], (self.remote, self.rport, self.local, self.lport)),
+                (path(self, "O")[1], (self.local, self.lport, self.remote, self.rport)))
 
 
 @dataclass(frozen=True)
@@ -98,26 +103,3 @@ def chain_info(name):
     if m and name not in (HOLD_OUT, HOLD_IN):
         return "top", m.group(1), m.group(2)
     return None
-
-
-def parse_comment(text):
-    parts = text.split(" ")
-    if len(parts) != 4 or parts[0] != "netprof":
-        return None
-    try:
-        return parts[1], int(parts[2]), unquote(parts[3])
-    except ValueError:
-        return None
-
-
-def comment_of(raw, offset):
-    """The comment match's text in a raw entry: its matches (xt_entry_match: u16 size, 29-byte name,
-    u8 revision, then data) run from the end of the entry header to the target."""
-    while offset + 32 <= len(raw):
-        size = int.from_bytes(raw[offset:offset + 2], sys.byteorder)
-        if size < 32:
-            break
-        if raw[offset + 2:offset + 31].split(b"\0", 1)[0] == b"comment":
-            return raw[offset + 32:offset + size].split(b"\0", 1)[0].decode("utf-8", "replace")
-        offset += size
-    return ""

@@ -4,7 +4,8 @@ We own one set of chains in the legacy tables and touch no other rule:
 - filter NETPROF_I_<iface> and NETPROF_O_<iface>, one jump each from INPUT and
   OUTPUT, each the root of a tree of chains (see chains.py) whose leaves hold,
   per tracked connection, a RETURN rule matching its exact 4-tuple: the
-  counters of the pair (one rule per direction) are its byte count.
+  counters of the pair (one rule per direction) are its byte count. A rule is
+  known by its leaf and 4-tuple; which connection id that is, we remember.
 - filter NETPROF_CT, never jumped to: a rule that uses conntrack is what turns
   connection tracking on in a network namespace (see conntrack.py).
 - mangle NETPROF_HOLD_O / NETPROF_HOLD_I, jumped to by new SYNs from mangle
@@ -30,8 +31,7 @@ from dataclasses import dataclass
 
 import iptc
 
-from .chains import (CT_CHAIN, HOLD_IN, HOLD_OUT, PREFIX, Counters, RuleSpec, chain_info, chain_names,
-                     comment_of, parse_comment, path)
+from .chains import CT_CHAIN, HOLD_IN, HOLD_OUT, PREFIX, Counters, RuleSpec, chain_info, chain_names, path
 from .errors import FirewallError
 
 __all__ = ["Counters", "RuleSpec", "Leftover", "IptablesFirewall", "XtablesLock", "chain_names"]
@@ -39,7 +39,6 @@ __all__ = ["Counters", "RuleSpec", "Leftover", "IptablesFirewall", "XtablesLock"
 log = logging.getLogger("netprofiler")
 
 LOCK_PATH = "/run/xtables.lock"
-COMMENT_MAX = 255   # xt_comment_info holds 256 bytes, the last a NUL
 
 
 @dataclass(frozen=True)
@@ -77,28 +76,35 @@ class XtablesLock:
 
 
 class _PairTemplate:
-    """Connection rules made by patching the raw entry of one rule python-iptables built.
+    """Connection rules made by patching the raw entry of one rule python-iptables built, and read
+    back from raw entries by the same offsets.
 
     Building each rule through python-iptables parses its matches again (about half a millisecond
-    a rule); a connection's rules differ only in addresses, ports and comment, which sit at fixed
-    places in the entry. The patched bytes equal what python-iptables would build (a test checks)."""
-    _SPORT, _DPORT, _COMMENT = 0x1357, 0x2468, "netprof-template-comment"
+    a rule); a connection's rules differ only in addresses and ports, which sit at fixed places in
+    the entry. The patched bytes equal what python-iptables would build (a test checks)."""
+    _SPORT, _DPORT = 0x1357, 0x2468
 
     def __init__(self, fam):
         v4 = fam.family == socket.AF_INET
-        self.addr_len = 4 if v4 else 16
+        self.addr_len = n = 4 if v4 else 16
         src, dst = ("192.0.2.1", "192.0.2.2") if v4 else ("2001:db8::1", "2001:db8::2")
-        rule = fam.rule(src, self._SPORT, dst, self._DPORT, self._COMMENT)
+        rule = fam.rule(src, self._SPORT, dst, self._DPORT)
         rule.final_check()
         buf = rule.rule
         self.raw = bytes(ctypes.string_at(ctypes.addressof(buf), ctypes.sizeof(buf)))
-        # ipt_entry.ip / ip6t_entry.ipv6 comes first: source, then destination address.
-        if self.raw[:2 * self.addr_len] != socket.inet_pton(fam.family, src) + socket.inet_pton(fam.family, dst):
+        # ipt_entry.ip / ip6t_entry.ipv6 comes first: source, destination, then their masks.
+        if self.raw[:4 * n] != (socket.inet_pton(fam.family, src) + socket.inet_pton(fam.family, dst)
+                                + b"\xff" * 2 * n):
             raise FirewallError("unexpected layout of a python-iptables rule")
         # xt_tcp: spts[2], dpts[2] as host-order u16.
         self.sport_at = self._find(struct.pack("=HH", self._SPORT, self._SPORT))
         self.dport_at = self._find(struct.pack("=HH", self._DPORT, self._DPORT))
-        self.comment_at = self._find(self._COMMENT.encode() + b"\0")
+        header = iptc.ip4tc.ipt_entry if v4 else iptc.ip6tc.ip6t_entry
+        self.target_offset = header.from_buffer_copy(self.raw[:ctypes.sizeof(header)]).target_offset
+        self._tcp_name_at = ctypes.sizeof(header) + 2     # xt_entry_match: u16 size, then the name
+        if self.raw[self._tcp_name_at:self._tcp_name_at + 4] != b"tcp\0":
+            raise FirewallError("unexpected layout of a python-iptables rule")
+        self._masks = b"\xff" * 2 * n
         self.family = fam.family
 
     def _find(self, needle):
@@ -107,15 +113,33 @@ class _PairTemplate:
             raise FirewallError("unexpected layout of a python-iptables rule")
         return at
 
-    def entry(self, src, sport, dst, dport, comment):
+    def key(self, src, sport, dst, dport):
+        """What identifies a connection rule within its leaf: addresses and ports as in the entry."""
+        return (socket.inet_pton(self.family, src) + socket.inet_pton(self.family, dst)
+                + struct.pack("=HH", sport, dport))
+
+    def key_of(self, raw):
+        """key() of a raw entry (its bytes up to the target), or None if it is not a connection rule."""
+        n, s, d = self.addr_len, self.sport_at, self.dport_at
+        if (len(raw) != self.target_offset or raw[2 * n:4 * n] != self._masks
+                or raw[self._tcp_name_at:self._tcp_name_at + 4] != b"tcp\0"
+                or raw[s:s + 2] != raw[s + 2:s + 4] or raw[d:d + 2] != raw[d + 2:d + 4]):
+            return None
+        return raw[:2 * n] + raw[s:s + 2] + raw[d:d + 2]
+
+    def tuple_of(self, key):
+        """(src, sport, dst, dport) of a key."""
+        n = self.addr_len
+        sport, dport = struct.unpack("=HH", key[2 * n:])
+        return (socket.inet_ntop(self.family, key[:n]), sport, socket.inet_ntop(self.family, key[n:2 * n]), dport)
+
+    def entry(self, src, sport, dst, dport):
         buf = bytearray(self.raw)
         n = self.addr_len
         buf[0:n] = socket.inet_pton(self.family, src)
         buf[n:2 * n] = socket.inet_pton(self.family, dst)
         buf[self.sport_at:self.sport_at + 4] = struct.pack("=HH", sport, sport)
         buf[self.dport_at:self.dport_at + 4] = struct.pack("=HH", dport, dport)
-        text = comment.encode()[:COMMENT_MAX]
-        buf[self.comment_at:self.comment_at + COMMENT_MAX + 1] = text.ljust(COMMENT_MAX + 1, b"\0")
         return (ctypes.c_ubyte * len(buf)).from_buffer(buf)
 
 
@@ -168,16 +192,20 @@ class _Family:
         self.table.autocommit = False
         self._template = None
 
-    def conn_entry(self, src, sport, dst, dport, comment):
-        """The raw entry of a connection rule: what rule(src, sport, dst, dport, comment) builds."""
+    @property
+    def template(self):
         if self._template is None:
             self._template = _PairTemplate(self)
-        return self._template.entry(src, sport, dst, dport, comment)
+        return self._template
+
+    def conn_entry(self, src, sport, dst, dport):
+        """The raw entry of a connection rule: what rule(src, sport, dst, dport) builds."""
+        return self.template.entry(src, sport, dst, dport)
 
     def chain(self, name):
         return iptc.Chain(self.table, name)
 
-    def rule(self, src, sport, dst, dport, comment, target="RETURN", in_iface=None, out_iface=None):
+    def rule(self, src, sport, dst, dport, target="RETURN", in_iface=None, out_iface=None):
         r = self.rule_cls()
         if in_iface:
             r.in_interface = in_iface
@@ -188,8 +216,6 @@ class _Family:
             r.src, r.dst = src, dst
             m = r.create_match("tcp")
             m.sport, m.dport = str(sport), str(dport)
-        if comment:
-            r.create_match("comment").comment = comment
         r.create_target(target)
         return r
 
@@ -241,6 +267,7 @@ class IptablesFirewall:
         self._families = {}
         self._mangles = {}
         self._installed = {}  # cid -> RuleSpec
+        self._owner = {}      # (family, leaf, rule key) -> cid, for both rules of each installed pair
         self._hold = (frozenset(), frozenset())
         self._committed = {}  # (family, table) -> table_info() right after our last commit of it
         self._foreign = set()   # (family, table) changed by another program since verify() last looked
@@ -305,26 +332,47 @@ class IptablesFirewall:
 
     # --- setup and teardown -------------------------------------------------
 
-    def setup(self, keep=frozenset()):
+    def setup(self, keep=None):
         """Take over what an earlier run left, and make our chains and jumps exactly as they should be.
 
-        Rule pairs whose connection id is in `keep` (connections the durable state still knows)
-        stay in place and go on counting; the others are read, returned as leftovers to be
-        logged, and removed. Idempotent: running it twice leaves one set of chains, one jump each.
+        `keep` ({cid: RuleSpec}) holds the connections the durable state still knows: their rule
+        pairs stay in place and go on counting. Every other rule pair found is read, returned as a
+        leftover to be logged (attributed from `keep` when it is there but on an interface no
+        longer watched, else known by its 4-tuple alone), and removed. Idempotent: running it
+        twice leaves one set of chains, one jump each.
         """
+        keep = keep or {}
         leftovers = []
         for family in (socket.AF_INET, socket.AF_INET6):
             fam = self._fam(family)
             with self._cycle(fam):
-                found = self._collect(fam)
-                drop = {left.spec.cid for left in found
-                        if left.spec.cid not in keep or left.spec.interface not in self.interfaces}
-                self._counters(fam, drop, delete=True)
-                for left in found:
-                    if left.spec.cid in drop:
-                        leftovers.append(left)
-                    else:
-                        self._installed[left.spec.cid] = left.spec
+                specs = {cid: spec for cid, spec in keep.items() if spec.family == family}
+                owner = {k: cid for cid, spec in specs.items() for k in self._keys(spec)}
+                present = set()
+                for name in self._leaves(fam):
+                    _, direction, iface = chain_info(name)
+                    for key, _, _ in self._raw_rules(fam, name):
+                        if key is None:
+                            continue
+                        k = (family, name, key)
+                        if k not in owner:
+                            src, sport, dst, dport = fam.template.tuple_of(key)
+                            local, lport, remote, rport = ((dst, dport, src, sport) if direction == "I"
+                                                           else (src, sport, dst, dport))
+                            spec = RuleSpec(f"restart-{self._fname(family)}-{len(leftovers) + len(specs)}",
+                                            iface, family, local, lport, remote, rport)
+                            # The pair's other rule, if it is there, is the same connection.
+                            other = next((owner[o] for o in self._keys(spec) if o in owner), None)
+                            if other is None:
+                                specs[spec.cid] = spec
+                                other = spec.cid
+                            owner[k] = other
+                        present.add(owner[k])
+                drop = {cid for cid in present if cid not in keep or specs[cid].interface not in self.interfaces}
+                for cid, counters in self._counters(fam, drop, delete=True, owner=owner).items():
+                    leftovers.append(Leftover(specs[cid], counters))
+                for cid in present - drop:
+                    self._own(specs[cid])
                 self._ensure_structure(fam)
             mangle = self._mangle(family)
             with self._cycle(mangle):
@@ -348,6 +396,7 @@ class IptablesFirewall:
                 final.update(self._counters(fam, None))
                 self._remove_ours(fam)
         self._installed.clear()
+        self._owner.clear()
         return final
 
     def _remove_ours(self, fam):
@@ -403,9 +452,9 @@ class IptablesFirewall:
                 iface = tops[name][1]
                 match_iface = None if iface == "any" else iface
                 if builtin == "INPUT":
-                    chain.insert_rule(fam.rule(None, 0, None, 0, None, name, in_iface=match_iface))
+                    chain.insert_rule(fam.rule(None, 0, None, 0, name, in_iface=match_iface))
                 else:
-                    chain.insert_rule(fam.rule(None, 0, None, 0, None, name, out_iface=match_iface))
+                    chain.insert_rule(fam.rule(None, 0, None, 0, name, out_iface=match_iface))
         # Dispatch hops of the tree: every leaf in use must be reachable.
         jumps = {}
         for spec in self._installed.values():
@@ -428,7 +477,6 @@ class IptablesFirewall:
 
     def _insert_pair(self, fam, spec, existing, jumps):
         """The two rules of a connection, in their leaves, creating the path to them as needed."""
-        note = spec.comment()
         for direction in ("I", "O"):
             hops, leaf = path(spec, direction)
             for hop in hops:
@@ -439,9 +487,9 @@ class IptablesFirewall:
                     fam.chain(hop.chain).append_rule(fam.dispatch_rule(hop))
                     jumps[hop.chain].add(hop.target)
             if direction == "I":
-                entry = fam.conn_entry(spec.remote, spec.rport, spec.local, spec.lport, note)
+                entry = fam.conn_entry(spec.remote, spec.rport, spec.local, spec.lport)
             else:
-                entry = fam.conn_entry(spec.local, spec.lport, spec.remote, spec.rport, note)
+                entry = fam.conn_entry(spec.local, spec.lport, spec.remote, spec.rport)
             # Newest first: a young connection carries most of the traffic.
             fam.table.insert_entry(leaf, entry, 0)
 
@@ -475,64 +523,62 @@ class IptablesFirewall:
     def _leaves(self, fam):
         return [c.name for c in fam.table.chains if (chain_info(c.name) or ("",))[0] == "leaf"]
 
-    def _collect(self, fam):
-        """Every rule pair of ours with its 4-tuple, parsed in full (slow: only at start)."""
-        found = {}
-        for name in self._leaves(fam):
-            _, direction, iface = chain_info(name)
-            for rule in fam.chain(name).rules:
-                comment = next((m.comment for m in rule.matches if m.name == "comment"), None)
-                parsed = parse_comment(comment or "")
-                tcp = next((m for m in rule.matches if m.name == "tcp"), None)
-                if parsed is None or tcp is None:
-                    continue
-                cid, pid, job = parsed
-                packets, nbytes = rule.get_counters()
-                src, dst = _host(rule.src), _host(rule.dst)
-                sport, dport = int(tcp.sport), int(tcp.dport)
-                entry = found.setdefault(cid, [None, Counters()])
-                c = entry[1]
-                if direction == "I":
-                    spec = RuleSpec(cid, iface, fam.family, dst, dport, src, sport, pid, job)
-                    entry[1] = Counters(packets, nbytes, c.out_packets, c.out_bytes)
-                else:
-                    spec = RuleSpec(cid, iface, fam.family, src, sport, dst, dport, pid, job)
-                    entry[1] = Counters(c.in_packets, c.in_bytes, packets, nbytes)
-                entry[0] = entry[0] or spec
-        return [Leftover(spec, counters) for spec, counters in found.values()]
+    def _keys(self, spec):
+        """(family, leaf, rule key) of the inbound and the outbound rule of a pair."""
+        template = self._fam(spec.family).template
+        return [(spec.family, leaf, template.key(*t)) for leaf, t in spec.tuples()]
+
+    def _own(self, spec):
+        for k in self._keys(spec):
+            other = self._owner.get(k)
+            if other is not None and other != spec.cid:
+                # The profiler harvests a connection before another with its 4-tuple gets rules; were
+                # two pairs ever alike, their counters could not be told apart.
+                log.error("connection %s gets the rules of %s, still installed (same 4-tuple)", spec.cid, other)
+            self._owner[k] = spec.cid
+        self._installed[spec.cid] = spec
+
+    def _disown(self, cid):
+        spec = self._installed.pop(cid, None)
+        if spec is not None:
+            for k in self._keys(spec):
+                if self._owner.get(k) == cid:
+                    del self._owner[k]
 
     @staticmethod
     def _raw_rules(fam, chain_name):
-        """(comment, packets, bytes) of each rule of a chain, read from the raw entries.
+        """(rule key or None, packets, bytes) of each rule of a chain, read from the raw entries.
 
         Building python-iptables Rule objects parses every match of every rule (about 0.1 ms a
-        rule); the counters and our comment are all a harvest needs, and they sit in the entry."""
+        rule); the counters and the 4-tuple are all a harvest needs, and they sit in the entry."""
         out = []
+        template = fam.template
         entry = fam.table.first_rule(chain_name)
         while entry:
             raw = ctypes.string_at(ctypes.addressof(entry), entry.target_offset)
-            out.append((comment_of(raw, ctypes.sizeof(type(entry))), entry.counters.pcnt, entry.counters.bcnt))
+            out.append((template.key_of(raw), entry.counters.pcnt, entry.counters.bcnt))
             entry = fam.table.next_rule(entry)
         return out
 
-    def _counters(self, fam, wanted, delete=False, chains=None):
+    def _counters(self, fam, wanted, delete=False, chains=None, owner=None):
         """{cid: Counters} of the wanted pairs (all when None); with `delete`, the rules go in the same cycle."""
+        owner = self._owner if owner is None else owner
         found = {}
         for name in chains if chains is not None else self._leaves(fam):
             inbound = chain_info(name)[1] == "I"
             doomed = []
-            for index, (comment, packets, nbytes) in enumerate(self._raw_rules(fam, name)):
-                parsed = parse_comment(comment)
-                if parsed is None or (wanted is not None and parsed[0] not in wanted):
+            for index, (key, packets, nbytes) in enumerate(self._raw_rules(fam, name)):
+                cid = owner.get((fam.family, name, key)) if key is not None else None
+                if cid is None or (wanted is not None and cid not in wanted):
                     continue
                 # Summed: should a connection have two rules in one direction (a repair or a restart
                 # put one back beside a survivor), a packet RETURNs from the first it matches, so
                 # each counted byte is in exactly one of them.
-                c = found.get(parsed[0], Counters(in_rules=0, out_rules=0))
-                found[parsed[0]] = (Counters(c.in_packets + packets, c.in_bytes + nbytes, c.out_packets,
-                                             c.out_bytes, c.in_rules + 1, c.out_rules) if inbound
-                                    else Counters(c.in_packets, c.in_bytes, c.out_packets + packets,
-                                                  c.out_bytes + nbytes, c.in_rules, c.out_rules + 1))
+                c = found.get(cid, Counters(in_rules=0, out_rules=0))
+                found[cid] = (Counters(c.in_packets + packets, c.in_bytes + nbytes, c.out_packets,
+                                       c.out_bytes, c.in_rules + 1, c.out_rules) if inbound
+                              else Counters(c.in_packets, c.in_bytes, c.out_packets + packets,
+                                            c.out_bytes + nbytes, c.in_rules, c.out_rules + 1))
                 doomed.append(index)
             if delete:
                 for index in reversed(doomed):   # from the end, so that earlier numbers stay valid
@@ -565,10 +611,10 @@ class IptablesFirewall:
                     existing, jumps = _ChainSet(fam.table), {}
                     for spec in adds:
                         self._insert_pair(fam, spec, existing, jumps)
+            for spec in gone:       # first: a new connection may reuse a removed one's 4-tuple
+                self._disown(spec.cid)
             for spec in adds:
-                self._installed[spec.cid] = spec
-        for spec in remove:
-            self._installed.pop(spec.cid, None)
+                self._own(spec)
         return harvested
 
     def read(self, specs):
@@ -611,10 +657,10 @@ class IptablesFirewall:
                     missing |= set(expected)
                 counts = {}
                 for name in self._leaves(fam):
-                    for comment, _, _ in self._raw_rules(fam, name):
-                        parsed = parse_comment(comment)
-                        if parsed:
-                            counts[parsed[0]] = counts.get(parsed[0], 0) + 1
+                    for key, _, _ in self._raw_rules(fam, name):
+                        cid = self._owner.get((family, name, key)) if key is not None else None
+                        if cid is not None:
+                            counts[cid] = counts.get(cid, 0) + 1
                 broken = {cid for cid in expected if counts.get(cid, 0) != 2}
                 missing |= broken
                 half = {cid for cid in broken if counts.get(cid)}

@@ -175,12 +175,16 @@ class Requests:
                 "capture": self.capture_stats()}
 
     def req_harvest_leftovers(self, leftovers):
-        """Rules found from an earlier run: log what they counted, attributed by their comments."""
+        """Rules found from an earlier run: log what they counted, attributed by the durable state
+        when it knows them (else by 4-tuple alone)."""
         now = self.clock.time()
         for left in leftovers:
             s, c = left.spec, left.counters
+            note = "found after a restart; bytes counted while the service was down are missing"
+            if not s.job:
+                note += "; not in the saved state, so its process and job are unknown"
             rec = Record(s.cid, s.job, s.pid, s.interface, s.family, s.local, s.lport, s.remote, s.rport, True,
                          c.in_bytes, c.in_packets, c.out_bytes, c.out_packets, now, now, "restart", False, "rules",
-                         note="found after a restart; bytes counted while the service was down are missing")
+                         note=note)
             self.sink.write(rec)
         return len(leftovers)

@@ -16,7 +16,7 @@ class Restart:
     def restore(self, state):
         """Before the thread starts: take back the jobs, processes and connections of the durable state.
 
-        Returns the connection ids whose rules may still be in the kernel, counting."""
+        Returns {cid: RuleSpec} of the connections whose rules may still be in the kernel, counting."""
         jobs, procs, conns, records = state
         for j in jobs:
             self.jobs[j["job_id"]] = Job(j["job_id"], j["started"], roots=set(j["roots"]), cgroup=j["cgroup"],
@@ -34,7 +34,7 @@ class Restart:
             if c["job"] in self.jobs:
                 conn = Connection(**c)
                 self.conns[conn.key] = conn
-        return {conn.cid for conn in self.conns.values()}
+        return {conn.cid: self._spec(conn) for conn in self.conns.values()}
 
     def after_setup(self, installed):
         """The firewall kept the rules in `installed`; connections without theirs get new ones,

@@ -92,13 +92,13 @@ class Service:
                 log.warning("SYNs will not be held (%s): connections rely on conntrack for exact counts", exc)
                 self.synqueue = None
                 self.firewall.queue_num = None
-        keep = self.profiler.restore(self.store.load()) if self.store is not None else set()
+        keep = self.profiler.restore(self.store.load()) if self.store is not None else {}
         leftovers = self.firewall.setup(keep=keep)
         self.profiler.after_setup(self.firewall.installed)
         if keep:
             log.warning("restart: carried on with %d jobs, %d processes, %d connections (%d rule pairs still "
                         "in place)", len(self.profiler.jobs), len(self.profiler.procs), len(self.profiler.conns),
-                        len(self.firewall.installed & keep))
+                        len(self.firewall.installed & set(keep)))
         self.profiler.start()
         if leftovers:
             n = self.profiler.call("harvest_leftovers", leftovers)

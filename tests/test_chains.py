@@ -1,7 +1,7 @@
 """The chain tree's layout: pure logic."""
 import socket
 
-from profiler.chains import RuleSpec, chain_info, comment_of, parse_comment, path
+from profiler.chains import RuleSpec, chain_info, path
 
 
 def spec(lport, rport, iface="eth0"):
@@ -48,14 +48,8 @@ def test_chain_names_fit_netfilter_and_are_recognised():
     assert chain_info("INPUT") is None
 
 
-def test_comments_round_trip():
-    s = RuleSpec("ab.1f", "eth0", socket.AF_INET, "10.0.0.1", 1, "10.0.0.2", 2, 4242, "schedd#1.0#17 x/y")
-    assert parse_comment(s.comment()) == ("ab.1f", 4242, "schedd#1.0#17 x/y")
-    assert parse_comment("something else") is None
-    # A raw entry: header, a tcp match, then the comment match (u16 size, name, revision, data).
-    tcp = (40).to_bytes(2, "little") + b"tcp".ljust(29, b"\0") + b"\0" + b"\0" * 8
-    text = s.comment().encode().ljust(256, b"\0")
-    comment = (32 + 256).to_bytes(2, "little") + b"comment".ljust(29, b"\0") + b"\0" + text
-    raw = b"\xff" * 112 + tcp + comment
-    assert comment_of(raw, 112) == s.comment()
-    assert comment_of(b"\xff" * 112 + tcp, 112) == ""
+def test_each_rule_of_a_pair_is_filed_with_its_direction_s_4_tuple():
+    s = spec(40001, 443)
+    (leaf_in, t_in), (leaf_out, t_out) = s.tuples()
+    assert (leaf_in, t_in) == (path(s, "I")[1], ("10.0.0.2", 443, "10.0.0.1", 40001))
+    assert (leaf_out, t_out) == (path(s, "O")[1], ("10.0.0.1", 40001, "10.0.0.2", 443))
