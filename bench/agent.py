@@ -240,6 +240,76 @@ class Client:
             t.join()
         return {"conns": out, "errors": errors[0], "secs": time.perf_counter() - t0}
 
+    def op_churn_rate(self, host, port, rate, secs, sources=(), timeout=10.0):
+        """Open loop: start `rate` short connections a second for `secs` seconds, whatever the answers
+        (a closed loop of N clients measures N / latency, not what the service sustains). Each
+        connects, sends the 64-byte request, reads the reply to EOF and closes. `sources`: local
+        addresses used in turn, so that no 4-tuple repeats within the run (each has its own ports)."""
+        family, addr = _addr(host, port)
+        sel = selectors.DefaultSelector()
+        conns, errors, lat, started, inflight, max_inflight = [], 0, [], 0, 0, 0
+        total = int(rate * secs)
+        t0 = time.perf_counter()
+        last_done = next_check = t0
+
+        def finish(sock, ok, st):
+            nonlocal inflight, errors, last_done
+            sel.unregister(sock)
+            if ok:
+                conns.append([st[3], st[4], st[2]])
+                last_done = time.perf_counter()
+            else:
+                errors += 1
+            sock.close()
+            inflight -= 1
+
+        while started < total or inflight:
+            now = time.perf_counter()
+            while started < total and t0 + started / rate <= now:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                if sources:
+                    sock.setsockopt(socket.IPPROTO_IP, 24, 1)   # IP_BIND_ADDRESS_NO_PORT: a port per 4-tuple
+                    sock.bind((sources[started % len(sources)], 0))
+                sock.connect_ex(addr)
+                sel.register(sock, selectors.EVENT_WRITE, ["connecting", now, 0, None, None])
+                started += 1
+                inflight += 1
+            max_inflight = max(max_inflight, inflight)
+            wait = max(0.0, t0 + started / rate - time.perf_counter()) if started < total else 0.2
+            for key, _ in sel.select(min(wait, 0.2)):
+                sock, st = key.fileobj, key.data
+                if st[0] == "connecting":
+                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        finish(sock, False, st)
+                        continue
+                    lat.append(time.perf_counter() - st[1])
+                    st[3], st[4] = sock.getsockname()[:2]
+                    sock.send(SHORT_REQ)   # 64 bytes: always fits an empty send buffer
+                    st[0] = "reading"
+                    sel.modify(sock, selectors.EVENT_READ, st)
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    finish(sock, False, st)
+                    continue
+                if data:
+                    st[2] += len(data)
+                else:
+                    finish(sock, True, st)
+            now = time.perf_counter()
+            if now >= next_check:
+                next_check = now + 0.1
+                for key in list(sel.get_map().values()):
+                    if now - key.data[1] > timeout:
+                        finish(key.fileobj, False, key.data)
+        lat.sort()
+        return {"conns": conns, "errors": errors, "offered": total, "offer_secs": total / rate,
+                "secs": last_done - t0, "max_inflight": max_inflight,
+                "connect_p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
+                "connect_p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None}
+
     def op_close(self, group):
         """Close every socket of `group` at once; their 4-tuples."""
         socks = self.groups.pop(group, [])

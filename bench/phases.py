@@ -171,27 +171,58 @@ def service_harvest(env, svc, client, s, r):
     r["harvest_busy_per_s"] = round(conns / busy, 1) if busy else None
 
 
-def service_churn(env, svc, client, s, r):
-    secs = s["churn_secs"]
-    say(f"service: sustained new tracked connections for {secs}s")
-    ans = client.call("churn", host=env.pair.ip_b, port=SHORT_PORT, secs=secs, parallel=s["parallel"],
-                      timeout=secs + 300)
-    ip_b = env.pair.ip_b
-    t_end = time.monotonic()
-    out_keys = [(local, lport, ip_b, SHORT_PORT) for local, lport, _ in ans["conns"]]
-    log, missing = wait_logged(svc.log_dir, env.pair.iface_a, out_keys, timeout=s["drain_secs"])
-    r["churn_drain_s"] = round(time.monotonic() - t_end, 2)
+def _short_missed(ans, log, ip_b):
+    """Logged short connections whose bytes fall short of what they certainly sent and got."""
     short = 0
     for local, lport, got in ans["conns"]:
         out = log.get((local, lport, ip_b, SHORT_PORT))
         if out is not None and (out[0] < SHORT_OUT_MIN
                                 or log.get((ip_b, SHORT_PORT, local, lport), (0,))[0] < got + 40):
             short += 1
+    return short
+
+
+def service_churn(env, svc, client, s, r):
+    """New tracked connections at the target rate (open loop), then 16 clients each waiting for the last."""
+    secs, rate, ip_b = s["churn_secs"], s["churn_rate"], env.pair.ip_b
+    net = env.pair.ip_a.rsplit(".", 1)[0]
+    # 60,000 connections to one server port would reuse 4-tuples (28,232 ephemeral ports): several
+    # source addresses, each with its own ports, keep every connection's 4-tuple its own.
+    sources = [f"{net}.{100 + i}" for i in range(8)]
+    for ip in sources:
+        env.pair.a.run("ip", "addr", "add", f"{ip}/24", "dev", env.pair.iface_a)
+    try:
+        say(f"service: {rate} new tracked connections a second for {secs}s (open loop)")
+        ans = client.call("churn_rate", host=ip_b, port=SHORT_PORT, rate=rate, secs=secs, sources=sources,
+                          timeout=secs + 300)
+    finally:
+        for ip in sources:
+            env.pair.a.run("ip", "addr", "del", f"{ip}/24", "dev", env.pair.iface_a, check=False)
+    t_end = time.monotonic()
+    out_keys = [(local, lport, ip_b, SHORT_PORT) for local, lport, _ in ans["conns"]]
+    r["churn_repeated_tuples"] = len(out_keys) - len(set(out_keys))
+    if r["churn_repeated_tuples"]:
+        r["notes"].append(f"churn: {r['churn_repeated_tuples']} 4-tuples repeated; their records cannot be told apart")
+    log, missing = wait_logged(svc.log_dir, env.pair.iface_a, out_keys, timeout=s["drain_secs"])
+    r["churn_drain_s"] = round(time.monotonic() - t_end, 2)
+    short = _short_missed(ans, log, ip_b)
+    r["conn_offered_per_s"] = rate
     r["conn_made"] = len(ans["conns"])
     r["conn_errors"] = ans["errors"]
     r["conn_per_s"] = round(len(ans["conns"]) / ans["secs"], 1)
-    r["missed"] = len(missing) + short
+    r["churn_connect_p50_ms"], r["churn_connect_p99_ms"] = ans["connect_p50_ms"], ans["connect_p99_ms"]
+    r["churn_max_inflight"] = ans["max_inflight"]
+    r["missed"] = len(missing) + short + ans["errors"]
     r["missed_unlogged"], r["missed_short_bytes"] = len(missing), short
+
+    secs16 = s["churn16_secs"]
+    say(f"service: new tracked connections for {secs16}s, {s['parallel']} clients each waiting for its last")
+    ans = client.call("churn", host=ip_b, port=SHORT_PORT, secs=secs16, parallel=s["parallel"], timeout=secs16 + 300)
+    keys = [(local, lport, ip_b, SHORT_PORT) for local, lport, _ in ans["conns"]]
+    log, missing = wait_logged(svc.log_dir, env.pair.iface_a, keys, timeout=s["drain_secs"])
+    r["conn_per_s_closed16"] = round(len(ans["conns"]) / ans["secs"], 1)
+    r["conn_made_closed16"] = len(ans["conns"])
+    r["missed_closed16"] = len(missing) + _short_missed(ans, log, ip_b) + ans["errors"]
 
 
 def service_dataplane(env, svc, client, s, r):

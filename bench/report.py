@@ -32,12 +32,19 @@ def rows(r, s):
                 r.get("base_harvest_per_s"), _ratio(r.get("harvest_per_s"), r.get("base_harvest_per_s"), 1), None, "-"))
     out.append(("  the same from the service's own harvest timer (/metrics)", r.get("harvest_busy_per_s"), None, "-",
                 None, "-"))
-    out.append((f"sustained new tracked conn/s ({s['churn_secs']} s, {n:,} live)", r.get("conn_per_s"),
-                r.get("base_conn_per_s"), _ratio(r.get("conn_per_s"), r.get("base_conn_per_s"), 1),
-                r.get("ref_conn_per_s"), _ratio(r.get("conn_per_s"), r.get("ref_conn_per_s"))))
-    out.append(("  of them missed (not logged with their bytes)",
-                f"{r.get('missed')} of {r.get('conn_made')}", f"{r.get('base_missed')} of {r.get('base_conn_made')}",
-                "-", None, "-"))
+    out.append((f"sustained new tracked conn/s ({r.get('conn_offered_per_s')}/s offered for {s['churn_secs']} s, "
+                f"{n:,} live)", r.get("conn_per_s"),
+                r.get("base_conn_per_s"), _ratio(r.get("conn_per_s"), r.get("base_conn_per_s"), 1), None, "-"))
+    out.append(("  of them missed (not logged with their bytes, or failed)",
+                f"{r.get('missed')} of {r.get('conn_made', 0) + r.get('conn_errors', 0)}",
+                f"{r.get('base_missed')} of {r.get('base_conn_made')}", "-", None, "-"))
+    out.append(("  their connect() p50 / p99, ms", f"{r.get('churn_connect_p50_ms') or 0:.2f} / "
+                f"{r.get('churn_connect_p99_ms') or 0:.2f}", None, "-", None, "-"))
+    out.append((f"new tracked conn/s, {s['parallel']} clients each waiting for its last ({s['churn16_secs']} s)",
+                r.get("conn_per_s_closed16"), None, "-", r.get("ref_conn_per_s"),
+                _ratio(r.get("conn_per_s_closed16"), r.get("ref_conn_per_s"))))
+    out.append(("  of them missed", f"{r.get('missed_closed16')} of {r.get('conn_made_closed16')}", None, "-",
+                None, "-"))
     out.append(("  baseline capacity if connections outlived netstat (1 / (SYN-to-rules + harvest))", None,
                 r.get("base_capacity_per_s"), _ratio(r.get("conn_per_s"), r.get("base_capacity_per_s"), 1), None,
                 "-"))

@@ -41,6 +41,12 @@ HARVEST_BATCH_MAX = 2000
 
 log = logging.getLogger("netprofiler")
 
+HOOK_LOCAL_IN, HOOK_LOCAL_OUT = 1, 3   # netfilter hooks where our SYN hold rules are (mangle INPUT, OUTPUT)
+
+
+def _loopback(addr):
+    return addr.startswith("127.") or addr == "::1" or addr.startswith("::ffff:127.")
+
 
 class _Request:
     __slots__ = ("name", "args", "future")
@@ -150,6 +156,8 @@ class Profiler(Attribution, Restart, Requests):
                 due = min(due, min(entry[2] for entry in self._unresolved.values()))
             if self._remove_since is not None:
                 due = min(due, self._remove_since + HARVEST_BATCH_WAIT)
+            if self._ended:
+                due = min(due, self._linger_due())
             wait = max(0.0, due - self.clock.monotonic())
             items = []
             try:
@@ -177,6 +185,10 @@ class Profiler(Attribution, Restart, Requests):
             if self.clock.monotonic() >= self._next_sweep:
                 self._guard(self.sweep)
                 self._next_sweep = self.clock.monotonic() + self.config.sweep_interval
+            elif self._ended and self.clock.monotonic() >= self._linger_due():
+                # Harvest when CLOSE_LINGER is up, not at the next sweep: records come half a
+                # second sooner on average, and a burst of closes is not held back for it.
+                self._guard(self._harvest_lingered, self.clock.monotonic())
             self._guard(self.flush, True)
             if self._unresolved:
                 # The flush released held SYNs: a worker may accept and serve within milliseconds.
@@ -278,7 +290,12 @@ class Profiler(Attribution, Restart, Requests):
                     # Seen first by the capture (it sees inbound SYNs before netfilter does): its
                     # rules are committed before this SYN, the first packet, is let through.
                     conn.rules_before_first_packet = True
-            self._maybe_new(iface, syn.family, initiator, responder, held=True)
+            # Held in OUTPUT, the SYN was sent by a local socket; held in INPUT, it is for one: only
+            # that side can be ours, unless both ends are on this host. A socket lookup saved a SYN.
+            both = syn.src == syn.dst or _loopback(syn.src) or _loopback(syn.dst)
+            sides = None if both else ("outgoing" if syn.hook == HOOK_LOCAL_OUT else
+                                       "incoming" if syn.hook == HOOK_LOCAL_IN else None)
+            self._maybe_new(iface, syn.family, initiator, responder, held=True, sides=sides)
             # Only now: a flush inside _maybe_new (the GC's) must not let this SYN go before its rules.
             self._held_releases.append(release)
 
@@ -293,11 +310,14 @@ class Profiler(Attribution, Restart, Requests):
                 return None
         return name if name in self.config.interfaces else None
 
-    def _maybe_new(self, interface, family, initiator, responder, held, seen=None):
+    def _maybe_new(self, interface, family, initiator, responder, held, seen=None, sides=None):
         """A connection from `initiator` to `responder` starts; track the side(s) that are ours.
 
-        `seen`: when the capture saw its SYN (the connection's start, for a SYN that was not held)."""
+        `seen`: when the capture saw its SYN (the connection's start, for a SYN that was not held).
+        `sides`: "outgoing" or "incoming" when only that side can be on this host."""
         for local, remote, outgoing in ((initiator, responder, True), (responder, initiator, False)):
+            if sides is not None and sides != ("outgoing" if outgoing else "incoming"):
+                continue
             key = (family, local[0], local[1], remote[0], remote[1])
             if key in self.conns:
                 continue
@@ -362,7 +382,9 @@ class Profiler(Attribution, Restart, Requests):
     def _end(self, conn, reason, now):
         conn.end_reason = reason
         conn.ended_mono = now
-        self._ended[conn.cid] = conn   # the sweep harvests from here, not from every connection
+        # Harvested from here (not from every connection), in order of ending: at the end, always.
+        self._ended.pop(conn.cid, None)
+        self._ended[conn.cid] = conn
 
     def _harvest(self, conns, reason=None):
         for conn in conns:
@@ -525,8 +547,18 @@ class Profiler(Attribution, Restart, Requests):
             # not at every sweep. A fork in between is found when it opens a connection anyway.
             self._next_scan = now + max(self.config.sweep_interval, 2.0)
             self._scan_listeners()
-        linger = self.config.close_linger
-        done = [c for c in self._ended.values() if now - c.ended_mono >= linger]
+        self._harvest_lingered(now)
+
+    def _linger_due(self):
+        """When the connection that ended first has lingered long enough (_ended is in order of ending)."""
+        return next(iter(self._ended.values())).ended_mono + self.config.close_linger
+
+    def _harvest_lingered(self, now):
+        done = []
+        for conn in self._ended.values():
+            if now - conn.ended_mono < self.config.close_linger:
+                break
+            done.append(conn)
         self._harvest(done)
 
     def _check_processes(self, now):

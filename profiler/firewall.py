@@ -483,9 +483,12 @@ class IptablesFirewall:
                 if hop.target not in existing:
                     fam.table.create_chain(hop.target)
                     existing.add(hop.target)
-                if hop.target not in jumps.setdefault(hop.chain, set(fam.jumps(hop.chain))):
+                known = jumps.get(hop.chain)
+                if known is None:   # read once a cycle: a top chain has dozens of dispatch rules
+                    known = jumps[hop.chain] = set(fam.jumps(hop.chain))
+                if hop.target not in known:
                     fam.chain(hop.chain).append_rule(fam.dispatch_rule(hop))
-                    jumps[hop.chain].add(hop.target)
+                    known.add(hop.target)
             if direction == "I":
                 entry = fam.conn_entry(spec.remote, spec.rport, spec.local, spec.lport)
             else:

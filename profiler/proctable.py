@@ -179,6 +179,14 @@ class ProcessTable:
         lowest free number, usually one of these, and a process may hold thousands. Only if that
         finds nothing (some other descriptor number was reused) is every descriptor read again."""
         needle = f"socket:[{inode}]"
+        where = self._socket_fd.get(inode)
+        if where is not None and where[0] in pids and where[0] in self._fd_cache:
+            # Already seen, behind this descriptor, by an earlier search that read past it: with
+            # many connections starting at once, one search's reads find the sockets of the next.
+            pid, name = where
+            if self._read(pid, f"{self._proc}/{pid}/fd", name, self._fd_cache[pid]) == needle:
+                self._remember(pid, name)
+                return pid
         pid = self._search(needle, pids)
         where = self._socket_fd.get(inode)
         if pid is not None and where is not None and where[0] == pid:

@@ -5,7 +5,8 @@ import socket
 import pytest
 
 from fakes import FIN, RST, SYN, Ev, FakeFirewall, FakeProcesses, FakeSockets, ListSink
-from profiler.clock import FakeClock
+from nstools import wait_for
+from profiler.clock import FakeClock, SystemClock
 from profiler.config import Config
 from profiler.core import Profiler
 from profiler.errors import IdentityMismatch, NotFound
@@ -403,3 +404,52 @@ def test_rules_removed_by_another_program_make_the_record_incomplete(env):
     prof.verify_rules()
     rec = prof.req_end_job("job#1")["connections"][0]
     assert rec["complete"] is False and "another program" in rec["note"]
+
+
+class LookupCountingSockets(FakeSockets):
+    def __init__(self):
+        super().__init__()
+        self.looked = []
+
+    def get(self, family, local, lport, remote, rport):
+        self.looked.append(("get", local, lport))
+        return super().get(family, local, lport, remote, rport)
+
+    def listener(self, family, local, lport):
+        self.looked.append(("listener", local, lport))
+        return super().listener(family, local, lport)
+
+
+@pytest.mark.parametrize("hook, src, dst, looked", [
+    (3, L, R, {("get", L, 5000)}),                                   # held in OUTPUT: sent by us
+    (1, R, L, {("get", L, 80), ("listener", L, 80)}),                # held in INPUT: for us
+    (3, "127.0.0.1", "127.0.0.1", {("get", "127.0.0.1", 5000), ("get", "127.0.0.1", 80),
+                                   ("listener", "127.0.0.1", 80)}),  # both ends here: both sides
+])
+def test_a_held_syn_is_looked_up_only_on_the_side_its_hook_says_is_local(env, hook, src, dst, looked):
+    prof, fw, procs, _, sink, clock = env
+    socks = prof.sockets = LookupCountingSockets()
+    register(prof, procs, inodes={11})
+    sport, dport = (5000, 80)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, src, sport, dst, dport, hook=hook), lambda: None)])
+    assert set(socks.looked) == looked
+
+
+def test_closed_connection_is_harvested_when_its_linger_is_up_not_at_the_next_sweep():
+    """The real thread and clock: CLOSE_LINGER 0.2 s, a sweep only every 30 s."""
+    fw, procs, socks, sink = FakeFirewall(), FakeProcesses(), FakeSockets(), ListSink()
+    config = Config(interfaces=("eth9",), rules_threshold=1000, close_linger=0.2, sweep_interval=30.0)
+    prof = Profiler(config, fw, procs, socks, sink, SystemClock())
+    register(prof, procs, inodes={11, 12})
+    open_conn(prof, socks, 5000, 11)
+    open_conn(prof, socks, 5001, 12)
+    prof.start()
+    try:
+        for lport in (5000, 5001):
+            prof.submit(ev(L, lport, R, 80, FIN))
+            prof.submit(ev(R, 80, L, lport, FIN))
+        wait_for(lambda: len(sink.records) == 2, timeout=5, what="both records")
+        assert [r.lport for r in sink.records] == [5000, 5001]
+        assert all(r.reason == "closed" for r in sink.records)
+    finally:
+        prof.stop()

@@ -122,3 +122,32 @@ def test_number_of_a_socket_found_recently_is_read_first_when_reused(sockets, re
         assert table.owner_of(inode_of(short), [me]) == me
         assert readlinks[0] <= 8, readlinks[0]
     short.close()
+
+
+def test_sockets_read_past_by_one_search_cost_one_read_when_looked_for(sockets, readlinks):
+    """Many connections starting at once: the search for the first reads past the others' new
+    sockets, and each of those is then confirmed with a single read, not searched for again."""
+    table, me = ProcessTable(), os.getpid()
+    table.socket_inodes(me)
+    olds = [sockets.pop() for _ in range(20)]   # the newest: their numbers are read first when reused
+    for s in olds:
+        s.close()
+    fresh = [socket.socket() for _ in range(20)]
+    try:
+        # fresh[0] took the lowest of the freed numbers, whose last socket was the oldest of the
+        # twenty: the newest sockets' numbers are read first, and so the others' new sockets.
+        readlinks[0] = 0
+        assert table.owner_of(inode_of(fresh[0]), [me]) == me
+        assert readlinks[0] >= 19, readlinks[0]
+        for s in fresh[1:]:
+            readlinks[0] = 0
+            assert table.owner_of(inode_of(s), [me]) == me
+            assert readlinks[0] <= 2, readlinks[0]
+        # A cached place no longer right is not trusted: the socket closed, the lookup says so.
+        gone = inode_of(fresh[1])
+        fresh[1].close()
+        assert table.owner_of(gone, [me]) is None
+    finally:
+        for s in fresh:
+            s.close()
+        sockets.extend(socket.socket() for _ in range(20))
