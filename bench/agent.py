@@ -240,17 +240,19 @@ class Client:
             t.join()
         return {"conns": out, "errors": errors[0], "secs": time.perf_counter() - t0}
 
-    def op_churn_rate(self, host, port, rate, secs, sources=(), timeout=10.0):
+    def op_churn_rate(self, host, port, rate, secs, sources=(), timeout=10.0, max_inflight=2000):
         """Open loop: start `rate` short connections a second for `secs` seconds, whatever the answers
         (a closed loop of N clients measures N / latency, not what the service sustains). Each
         connects, sends the 64-byte request, reads the reply to EOF and closes. `sources`: local
-        addresses used in turn, so that no 4-tuple repeats within the run (each has its own ports)."""
+        addresses used in turn, so that no 4-tuple repeats within the run (each has its own ports).
+        At most `max_inflight` connections wait at once: beyond that the offer falls behind its
+        schedule (and the rate achieved says so) instead of running out of descriptors."""
         family, addr = _addr(host, port)
         sel = selectors.DefaultSelector()
         conns, errors, lat, started, inflight, max_inflight = [], 0, [], 0, 0, 0
         total = int(rate * secs)
         t0 = time.perf_counter()
-        last_done = next_check = t0
+        last_done = next_check = last_start = t0
 
         def finish(sock, ok, st):
             nonlocal inflight, errors, last_done
@@ -265,7 +267,7 @@ class Client:
 
         while started < total or inflight:
             now = time.perf_counter()
-            while started < total and t0 + started / rate <= now:
+            while started < total and t0 + started / rate <= now and inflight < max_inflight:
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 sock.setblocking(False)
                 if sources:
@@ -273,10 +275,12 @@ class Client:
                     sock.bind((sources[started % len(sources)], 0))
                 sock.connect_ex(addr)
                 sel.register(sock, selectors.EVENT_WRITE, ["connecting", now, 0, None, None])
+                last_start = now
                 started += 1
                 inflight += 1
             max_inflight = max(max_inflight, inflight)
-            wait = max(0.0, t0 + started / rate - time.perf_counter()) if started < total else 0.2
+            wait = (max(0.0, t0 + started / rate - time.perf_counter())
+                    if started < total and inflight < max_inflight else 0.2)
             for key, _ in sel.select(min(wait, 0.2)):
                 sock, st = key.fileobj, key.data
                 if st[0] == "connecting":
@@ -284,8 +288,12 @@ class Client:
                         finish(sock, False, st)
                         continue
                     lat.append(time.perf_counter() - st[1])
-                    st[3], st[4] = sock.getsockname()[:2]
-                    sock.send(SHORT_REQ)   # 64 bytes: always fits an empty send buffer
+                    try:
+                        st[3], st[4] = sock.getsockname()[:2]
+                        sock.send(SHORT_REQ)   # 64 bytes: always fits an empty send buffer
+                    except OSError:
+                        finish(sock, False, st)
+                        continue
                     st[0] = "reading"
                     sel.modify(sock, selectors.EVENT_READ, st)
                     continue
@@ -306,6 +314,7 @@ class Client:
                         finish(key.fileobj, False, key.data)
         lat.sort()
         return {"conns": conns, "errors": errors, "offered": total, "offer_secs": total / rate,
+                "offer_late_s": round(max(0.0, last_start - t0 - (total - 1) / rate), 3),
                 "secs": last_done - t0, "max_inflight": max_inflight,
                 "connect_p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
                 "connect_p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None}

@@ -211,7 +211,7 @@ def service_churn(env, svc, client, s, r):
     r["conn_errors"] = ans["errors"]
     r["conn_per_s"] = round(len(ans["conns"]) / ans["secs"], 1)
     r["churn_connect_p50_ms"], r["churn_connect_p99_ms"] = ans["connect_p50_ms"], ans["connect_p99_ms"]
-    r["churn_max_inflight"] = ans["max_inflight"]
+    r["churn_max_inflight"], r["churn_offer_late_s"] = ans["max_inflight"], ans["offer_late_s"]
     r["missed"] = len(missing) + short + ans["errors"]
     r["missed_unlogged"], r["missed_short_bytes"] = len(missing), short
 

@@ -38,6 +38,8 @@ FULL_VERIFY_EVERY = 6
 # Harvests (rule removals) alone are committed at most this often, unless this many are waiting.
 HARVEST_BATCH_WAIT = 0.1
 HARVEST_BATCH_MAX = 2000
+# A removal that failed (netfilter change refused) is tried again at this many later flushes.
+REMOVE_RETRIES = 3
 
 log = logging.getLogger("netprofiler")
 
@@ -89,6 +91,7 @@ class Profiler(Attribution, Restart, Requests):
         # cid -> [Connection, attempts, next look (monotonic), end of the accept-queue polling or None]
         self._unresolved = {}
         self._next_background_check = 0.0
+        self._remove_failures = {}   # cid -> failed attempts to remove its rules
         self._ended = {}          # cid -> Connection that has ended and waits out CLOSE_LINGER
         self._listener_ours = {}  # listening socket inode -> whether a tracked process holds it
         self._remove_since = None  # monotonic time the oldest waiting removal was first deferred
@@ -465,10 +468,18 @@ class Profiler(Attribution, Restart, Requests):
             log.error("netfilter change failed, %d new connections stay without rules: %s", len(adds), exc)
             for conn, _ in adds:
                 conn.rules_before_first_packet = False
+            # Their rules are still counting: read and remove them at the next flush, a few times
+            # before recording them without (a lock held for good by another program).
+            retry = [(c, s) for c, s in removes if self._remove_failures.get(c.cid, 0) < REMOVE_RETRIES]
+            for conn, spec in retry:
+                self._remove_failures[conn.cid] = self._remove_failures.get(conn.cid, 0) + 1
+                self._pending_remove[conn.cid] = (conn, spec)
+            removes = [(c, s) for c, s in removes if c.cid not in self._pending_remove]
         finally:
             for release in releases:
                 release()
         for conn, _ in removes:
+            self._remove_failures.pop(conn.cid, None)
             self._record(conn, harvested.get(conn.cid), committed=True)
         try:
             self._persist(gone_conns=[c.cid for c, _ in removes])

@@ -119,9 +119,12 @@ class _PairTemplate:
                 + struct.pack("=HH", sport, dport))
 
     def key_of(self, raw):
-        """key() of a raw entry (its bytes up to the target), or None if it is not a connection rule."""
+        """key() of a raw entry (its bytes up to the target), or None if it is not a connection rule.
+
+        Longer entries are read too: rules made by earlier versions carried a comment match after
+        the tcp one, and their counters must still be found (and removed) after an upgrade."""
         n, s, d = self.addr_len, self.sport_at, self.dport_at
-        if (len(raw) != self.target_offset or raw[2 * n:4 * n] != self._masks
+        if (len(raw) < self.target_offset or raw[2 * n:4 * n] != self._masks
                 or raw[self._tcp_name_at:self._tcp_name_at + 4] != b"tcp\0"
                 or raw[s:s + 2] != raw[s + 2:s + 4] or raw[d:d + 2] != raw[d + 2:d + 4]):
             return None
@@ -343,6 +346,7 @@ class IptablesFirewall:
         """
         keep = keep or {}
         leftovers = []
+        run = int(time.time() * 1000)   # leftover ids must not repeat those of another start
         for family in (socket.AF_INET, socket.AF_INET6):
             fam = self._fam(family)
             with self._cycle(fam):
@@ -359,7 +363,7 @@ class IptablesFirewall:
                             src, sport, dst, dport = fam.template.tuple_of(key)
                             local, lport, remote, rport = ((dst, dport, src, sport) if direction == "I"
                                                            else (src, sport, dst, dport))
-                            spec = RuleSpec(f"restart-{self._fname(family)}-{len(leftovers) + len(specs)}",
+                            spec = RuleSpec(f"left{run:x}.{self._fname(family)}.{len(specs)}",
                                             iface, family, local, lport, remote, rport)
                             # The pair's other rule, if it is there, is the same connection.
                             other = next((owner[o] for o in self._keys(spec) if o in owner), None)
@@ -605,6 +609,14 @@ class IptablesFirewall:
             fam = self._fam(family)
             adds = [s for s in add if s.family == family]
             gone = [s for s in remove if s.family == family]
+            # A pair still installed under another connection's id with a new one's 4-tuple (its
+            # removal failed, and the profiler gave up on it): read and removed with the others,
+            # or its counters would be summed into the new connection's.
+            stale = {self._owner[k] for spec in adds for k in self._keys(spec)
+                     if self._owner.get(k) not in (None, spec.cid)} - {s.cid for s in gone}
+            if stale:
+                log.error("removing the stale rules of %s: a new connection has their 4-tuple", sorted(stale))
+                gone = gone + [self._installed[cid] for cid in stale if cid in self._installed]
             with self._cycle(fam):
                 if gone:
                     existing = _ChainSet(fam.table)

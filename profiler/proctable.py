@@ -180,9 +180,11 @@ class ProcessTable:
         finds nothing (some other descriptor number was reused) is every descriptor read again."""
         needle = f"socket:[{inode}]"
         where = self._socket_fd.get(inode)
-        if where is not None and where[0] in pids and where[0] in self._fd_cache:
+        if where is not None and pids and where[0] == pids[0] and where[0] in self._fd_cache:
             # Already seen, behind this descriptor, by an earlier search that read past it: with
             # many connections starting at once, one search's reads find the sockets of the next.
+            # Only for the first candidate: a later one may share the socket with an earlier one
+            # (forked after accept), and the first of `pids` that holds it is the answer.
             pid, name = where
             if self._read(pid, f"{self._proc}/{pid}/fd", name, self._fd_cache[pid]) == needle:
                 self._remember(pid, name)

@@ -8,7 +8,7 @@ from fakes import FIN, RST, SYN, Ev, FakeFirewall, FakeProcesses, FakeSockets, L
 from nstools import wait_for
 from profiler.clock import FakeClock, SystemClock
 from profiler.config import Config
-from profiler.core import Profiler
+from profiler.core import REMOVE_RETRIES, Profiler
 from profiler.errors import IdentityMismatch, NotFound
 from profiler.firewall import Counters
 from synqueue_stub import HeldSynStub
@@ -453,3 +453,39 @@ def test_closed_connection_is_harvested_when_its_linger_is_up_not_at_the_next_sw
         assert all(r.reason == "closed" for r in sink.records)
     finally:
         prof.stop()
+
+
+def test_a_failed_removal_is_tried_again_and_keeps_its_counts(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11, 12})
+    open_conn(prof, socks, 5000, 11)
+    open_conn(prof, socks, 5001, 12)
+    a, b = sorted(prof.conns.values(), key=lambda c: c.lport)
+    fw.counters[a.cid], fw.counters[b.cid] = Counters(2, 120, 3, 180), Counters(1, 60, 1, 60)
+    close_conn(prof, socks, 5000)
+    close_conn(prof, socks, 5001)
+    clock.advance(2)
+    prof.sweep()
+    fw.fail_next = True
+    prof.flush()
+    assert sink.records == [] and set(fw.installed) == {a.cid, b.cid}   # still counting, not given up
+    prof.flush()
+    assert sorted((r.lport, r.in_bytes, r.out_bytes, r.source) for r in sink.records) == [
+        (5000, 120, 180, "rules"), (5001, 60, 60, "rules")]
+    assert not any("vanished" in r.note for r in sink.records)
+    assert fw.installed == {}
+
+
+def test_a_removal_that_keeps_failing_is_recorded_as_vanished(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    open_conn(prof, socks, 5000, 11)
+    close_conn(prof, socks, 5000)
+    clock.advance(2)
+    prof.sweep()
+    for _ in range(REMOVE_RETRIES + 1):
+        assert sink.records == []
+        fw.fail_next = True
+        prof.flush()
+    assert [(r.complete, r.note.split(";")[0]) for r in sink.records] == [
+        (False, "rules vanished before they were read")]

@@ -1,0 +1,86 @@
+"""Run inside a test's network namespace (as root): the firewall adapter against the real legacy
+tables, one scenario per argument; prints one JSON object for the test to check."""
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from profiler.chains import RuleSpec, path  # noqa: E402
+from profiler.firewall import IptablesFirewall  # noqa: E402
+
+IFACE = "eth9"
+A, B = "10.231.0.1", "10.231.0.2"
+
+
+def spec(cid, lport, rport=443, family=socket.AF_INET, pid=7, job="job#1"):
+    local, remote = (A, B) if family == socket.AF_INET else ("fd00:231::1", "fd00:231::2")
+    return RuleSpec(cid, IFACE, family, local, lport, remote, rport, pid, job)
+
+
+def set_counters(s, direction, packets, nbytes, comment=None, insert=False):
+    """Give the rule of `s` in `direction` these counters (iptables -R/-I -c), as traffic would."""
+    leaf = path(s, direction)[1]
+    src, sport, dst, dport = ((s.remote, s.rport, s.local, s.lport) if direction == "I"
+                              else (s.local, s.lport, s.remote, s.rport))
+    tool = "iptables-legacy" if s.family == socket.AF_INET else "ip6tables-legacy"
+    bits = "32" if s.family == socket.AF_INET else "128"
+    rule = ["-s", f"{src}/{bits}", "-d", f"{dst}/{bits}", "-p", "tcp", "-m", "tcp", "--sport", str(sport),
+            "--dport", str(dport)]
+    if comment:
+        rule += ["-m", "comment", "--comment", comment]
+    op = ["-I", leaf, "1"] if insert else ["-R", leaf, "1"]
+    subprocess.run([tool, "-w", *op, "-c", str(packets), str(nbytes), *rule, "-j", "RETURN"], check=True)
+
+
+def leftovers_and_upgrade():
+    """A crash left: a pair the state knows, a pair it does not, and (IPv6) a pair made by an older
+    version, with comments. The next start keeps the first and the old one, logs and removes the other."""
+    first = IptablesFirewall([IFACE])
+    first.setup()
+    known, unknown = spec("k1", 40001), spec("u1", 40301)   # in different leaves
+    first.apply(add=[known, unknown])
+    for s, n in ((known, 1000), (unknown, 2000)):
+        set_counters(s, "I", 3, n)
+        set_counters(s, "O", 4, n + 1)
+    old = spec("o1", 40003, family=socket.AF_INET6)
+    first.apply(add=[spec("tmp", 40009, family=socket.AF_INET6)])   # builds the IPv6 tree (and is unknown)
+    for direction, n in (("I", 3000), ("O", 3001)):
+        set_counters(old, direction, 5, n, comment="netprof o1 7 job%231", insert=True)
+    del first   # as a kill -9 would: nothing removed
+
+    second = IptablesFirewall([IFACE])
+    left = second.setup(keep={"k1": known, "o1": old})
+    out = {"installed": sorted(second.installed),
+           "leftovers": sorted([l.spec.local, l.spec.lport, l.spec.remote, l.spec.rport, l.spec.job, l.spec.pid,
+                                l.counters.in_bytes, l.counters.out_bytes] for l in left),
+           "read": {cid: [c.in_bytes, c.out_bytes] for cid, c in second.read([known, old]).items()},
+           "fixes": second.verify(full=True)}
+    out["final"] = {cid: [c.in_bytes, c.out_bytes] for cid, c in second.teardown().items()}
+    return out
+
+
+def stale_pair_with_a_reused_4_tuple():
+    """The profiler gave up removing a pair; a new connection gets its 4-tuple: the stale pair is
+    read and removed in the same commit, and the new connection's counts are its own."""
+    fw = IptablesFirewall([IFACE])
+    fw.setup()
+    old, new = spec("old", 40001), spec("new", 40001)
+    fw.apply(add=[old])
+    set_counters(old, "I", 9, 9000)
+    set_counters(old, "O", 9, 9001)
+    harvested = fw.apply(add=[new])
+    out = {"installed": sorted(fw.installed), "rules": fw.rule_count,
+           "harvested": {cid: [c.in_bytes, c.out_bytes] for cid, c in harvested.items()},
+           "new": {cid: [c.in_bytes, c.out_bytes] for cid, c in fw.read([new]).items()},
+           "fixes": fw.verify(full=True)}
+    fw.teardown()
+    return out
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.ERROR)
+    result = globals()[sys.argv[1]]()
+    print(json.dumps(result, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))

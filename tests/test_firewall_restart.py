@@ -1,0 +1,44 @@
+"""The firewall adapter against the real legacy tables in a namespace of our own: what a restart
+finds (pairs the state knows, pairs it does not, pairs an older version made with comments), and
+a pair left under a stale id when a new connection reuses its 4-tuple."""
+import json
+import os
+
+import pytest
+
+from harness import PYTHON, ROOT
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+SCRIPT = os.path.join(ROOT, "tests", "fw_scenarios.py")
+
+
+def scenario(ns, name):
+    r = ns.run(PYTHON, SCRIPT, name)
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def leftover_rules(ns):
+    return [line for tool in ("iptables-legacy-save", "ip6tables-legacy-save")
+            for line in ns.run(tool).stdout.splitlines() if "NETPROF" in line]
+
+
+def test_restart_keeps_known_pairs_reads_old_ones_and_logs_the_rest(netpair):
+    out = scenario(netpair.a, "leftovers_and_upgrade")
+    assert out["installed"] == ["k1", "o1"]
+    # Not in the state: logged by 4-tuple, with its counters, and removed.
+    assert out["leftovers"] == [["10.231.0.1", 40301, "10.231.0.2", 443, "", 0, 2000, 2001],
+                                ["fd00:231::1", 40009, "fd00:231::2", 443, "", 0, 0, 0]]
+    # Kept: the rules made before the crash go on counting, the old commented ones included.
+    assert out["read"] == {"k1": [1000, 1001], "o1": [3000, 3001]}
+    assert out["fixes"] == [[], []]
+    assert out["final"]["k1"] == [1000, 1001] and out["final"]["o1"] == [3000, 3001]
+    assert leftover_rules(netpair.a) == []
+
+
+def test_a_stale_pair_with_a_new_connection_s_4_tuple_is_removed_not_summed(netpair):
+    out = scenario(netpair.a, "stale_pair_with_a_reused_4_tuple")
+    assert out["installed"] == ["new"] and out["rules"] == 2
+    assert out["harvested"] == {"old": [9000, 9001]}
+    assert out["new"] == {"new": [0, 0]}
+    assert out["fixes"] == [[], []]
+    assert leftover_rules(netpair.a) == []
