@@ -246,10 +246,11 @@ class Client:
         connects, sends the 64-byte request, reads the reply to EOF and closes. `sources`: local
         addresses used in turn, so that no 4-tuple repeats within the run (each has its own ports).
         At most `max_inflight` connections wait at once: beyond that the offer falls behind its
-        schedule (and the rate achieved says so) instead of running out of descriptors."""
+        schedule (and the rate achieved says so) instead of running out of descriptors; what was
+        not started within `secs` is not started at all (`not_started`)."""
         family, addr = _addr(host, port)
         sel = selectors.DefaultSelector()
-        conns, errors, lat, started, inflight, max_inflight = [], 0, [], 0, 0, 0
+        conns, errors, lat, started, inflight, peak = [], 0, [], 0, 0, 0
         total = int(rate * secs)
         t0 = time.perf_counter()
         last_done = next_check = last_start = t0
@@ -265,9 +266,10 @@ class Client:
             sock.close()
             inflight -= 1
 
-        while started < total or inflight:
+        end = t0 + secs
+        while (started < total and time.perf_counter() < end) or inflight:
             now = time.perf_counter()
-            while started < total and t0 + started / rate <= now and inflight < max_inflight:
+            while started < total and t0 + started / rate <= now < end and inflight < max_inflight:
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 sock.setblocking(False)
                 if sources:
@@ -278,7 +280,7 @@ class Client:
                 last_start = now
                 started += 1
                 inflight += 1
-            max_inflight = max(max_inflight, inflight)
+            peak = max(peak, inflight)
             wait = (max(0.0, t0 + started / rate - time.perf_counter())
                     if started < total and inflight < max_inflight else 0.2)
             for key, _ in sel.select(min(wait, 0.2)):
@@ -314,8 +316,9 @@ class Client:
                         finish(key.fileobj, False, key.data)
         lat.sort()
         return {"conns": conns, "errors": errors, "offered": total, "offer_secs": total / rate,
+                "not_started": total - started,
                 "offer_late_s": round(max(0.0, last_start - t0 - (total - 1) / rate), 3),
-                "secs": last_done - t0, "max_inflight": max_inflight,
+                "secs": last_done - t0, "max_inflight": peak,
                 "connect_p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
                 "connect_p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None}
 

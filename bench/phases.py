@@ -209,9 +209,10 @@ def service_churn(env, svc, client, s, r):
     r["conn_offered_per_s"] = rate
     r["conn_made"] = len(ans["conns"])
     r["conn_errors"] = ans["errors"]
-    r["conn_per_s"] = round(len(ans["conns"]) / ans["secs"], 1)
+    r["conn_per_s"] = round(len(ans["conns"]) / ans["secs"], 1) if ans["conns"] else 0.0
     r["churn_connect_p50_ms"], r["churn_connect_p99_ms"] = ans["connect_p50_ms"], ans["connect_p99_ms"]
     r["churn_max_inflight"], r["churn_offer_late_s"] = ans["max_inflight"], ans["offer_late_s"]
+    r["churn_not_started"] = ans["not_started"]
     r["missed"] = len(missing) + short + ans["errors"]
     r["missed_unlogged"], r["missed_short_bytes"] = len(missing), short
 

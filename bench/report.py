@@ -38,6 +38,8 @@ def rows(r, s):
     out.append(("  of them missed (not logged with their bytes, or failed)",
                 f"{r.get('missed')} of {r.get('conn_made', 0) + r.get('conn_errors', 0)}",
                 f"{r.get('base_missed')} of {r.get('base_conn_made')}", "-", None, "-"))
+    out.append(("  offered but not started in time (at most 2,000 wait at once)", r.get("churn_not_started"), None, "-",
+                None, "-"))
     out.append(("  their connect() p50 / p99, ms", f"{r.get('churn_connect_p50_ms') or 0:.2f} / "
                 f"{r.get('churn_connect_p99_ms') or 0:.2f}", None, "-", None, "-"))
     out.append((f"new tracked conn/s, {s['parallel']} clients each waiting for its last ({s['churn16_secs']} s)",

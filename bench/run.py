@@ -39,6 +39,9 @@ SCALES = {
 }
 
 
+PHASES = ("latency", "harvest", "churn", "dataplane", "memory", "shutdown")
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -79,7 +82,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small scale, within 60 seconds")
     parser.add_argument("--skip-baseline", action="store_true", help="leave out the 2011 baseline")
     parser.add_argument("--profile", metavar="DIR", help="sample the service with py-spy in each phase, into DIR")
+    parser.add_argument("--phases", metavar="LIST", default=",".join(PHASES),
+                        help="the service's phases to run, comma-separated, from: " + ", ".join(PHASES)
+                        + " (latency opens the live connections the others need)")
     args = parser.parse_args()
+    wanted = [name.strip() for name in args.phases.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in PHASES]
+    if unknown:
+        parser.error(f"--phases: unknown phase {', '.join(unknown)} (known: {', '.join(PHASES)})")
     if os.geteuid() != 0:
         sys.exit("bench/run.py must run as root (namespaces, netfilter)")
     s = dict(SCALES["quick" if args.quick else "full"])
@@ -98,8 +108,7 @@ def main():
         load.phase = "reference"
         phases.reference(env, client, s, r)
         svc = phases.start_service(env)
-        for phase in (phases.service_latency, phases.service_harvest, phases.service_churn,
-                      phases.service_dataplane, phases.service_memory, phases.service_shutdown):
+        for phase in [getattr(phases, f"service_{name}") for name in PHASES if name in wanted]:
             load.phase = phase.__name__
             with pyspy.recording(svc.proc.pid, args.profile, phase.__name__) as path:
                 phase(env, svc, client, s, r)

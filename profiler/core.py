@@ -38,6 +38,8 @@ FULL_VERIFY_EVERY = 6
 # Harvests (rule removals) alone are committed at most this often, unless this many are waiting.
 HARVEST_BATCH_WAIT = 0.1
 HARVEST_BATCH_MAX = 2000
+# Held SYNs remembered until the capture shows their SYN-ACK (those never answered drop out first).
+LOCAL_SIDE_MAX = 16384
 # A removal that failed (netfilter change refused) is tried again at this many later flushes.
 REMOVE_RETRIES = 3
 
@@ -92,6 +94,7 @@ class Profiler(Attribution, Restart, Requests):
         self._unresolved = {}
         self._next_background_check = 0.0
         self._remove_failures = {}   # cid -> failed attempts to remove its rules
+        self._local_side = {}        # held SYN's 4-tuple -> the side on this host, until its SYN-ACK
         self._ended = {}          # cid -> Connection that has ended and waits out CLOSE_LINGER
         self._listener_ours = {}  # listening socket inode -> whether a tracked process holds it
         self._remove_since = None  # monotonic time the oldest waiting removal was first deferred
@@ -236,12 +239,15 @@ class Profiler(Attribution, Restart, Requests):
 
     def on_packet(self, ev):
         if ev.syn:
+            # A held SYN's hook said which side is on this host: the other needs no lookup.
             if ev.ack:   # SYN-ACK: its destination sent the SYN we may have missed
+                sides = self._local_side.pop((ev.family, ev.dst, ev.dport, ev.src, ev.sport), None)
                 self._maybe_new(ev.interface, ev.family, (ev.dst, ev.dport), (ev.src, ev.sport), held=False,
-                                seen=ev.ts)
+                                seen=ev.ts, sides=sides)
             else:
+                sides = self._local_side.get((ev.family, ev.src, ev.sport, ev.dst, ev.dport))
                 self._maybe_new(ev.interface, ev.family, (ev.src, ev.sport), (ev.dst, ev.dport), held=False,
-                                seen=ev.ts)
+                                seen=ev.ts, sides=sides)
             return
         now = self.clock.monotonic()
         for conn, sent_by_local in self._match(ev.family, ev.src, ev.sport, ev.dst, ev.dport):
@@ -299,6 +305,11 @@ class Profiler(Attribution, Restart, Requests):
             sides = None if both else ("outgoing" if syn.hook == HOOK_LOCAL_OUT else
                                        "incoming" if syn.hook == HOOK_LOCAL_IN else None)
             self._maybe_new(iface, syn.family, initiator, responder, held=True, sides=sides)
+            if sides is not None:
+                # The capture sees this SYN and its SYN-ACK too: only this side can be ours.
+                self._local_side[(syn.family, syn.src, syn.sport, syn.dst, syn.dport)] = sides
+                if len(self._local_side) > LOCAL_SIDE_MAX:   # SYNs never answered
+                    del self._local_side[next(iter(self._local_side))]
             # Only now: a flush inside _maybe_new (the GC's) must not let this SYN go before its rules.
             self._held_releases.append(release)
 

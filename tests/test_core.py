@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from fakes import FIN, RST, SYN, Ev, FakeFirewall, FakeProcesses, FakeSockets, ListSink
+from fakes import FIN, RST, SYN, SYNACK, Ev, FakeFirewall, FakeProcesses, FakeSockets, ListSink
 from nstools import wait_for
 from profiler.clock import FakeClock, SystemClock
 from profiler.config import Config
@@ -489,3 +489,20 @@ def test_a_removal_that_keeps_failing_is_recorded_as_vanished(env):
         prof.flush()
     assert [(r.complete, r.note.split(";")[0]) for r in sink.records] == [
         (False, "rules vanished before they were read")]
+
+
+def test_the_capture_of_a_held_syn_and_its_syn_ack_costs_no_lookup_of_the_other_side(env):
+    prof, fw, procs, _, sink, clock = env
+    socks = prof.sockets = LookupCountingSockets()
+    register(prof, procs, inodes={11})
+    socks.connect(L, 5000, R, 80, inode=11)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80, hook=3), lambda: None)])
+    prof.flush()
+    assert socks.looked == [("get", L, 5000)]
+    prof.on_packet(ev(L, 5000, R, 80, SYN))
+    prof.on_packet(ev(R, 80, L, 5000, SYNACK))
+    assert socks.looked == [("get", L, 5000)]      # R's side was ruled out by the hook, L's is tracked
+    assert len(prof.conns) == 1 and prof._local_side == {}
+    # Without a held SYN before it, the capture looks at both sides, as it must.
+    prof.on_packet(ev(L, 5001, R, 80, SYN))
+    assert ("listener", R, 80) in socks.looked and ("get", L, 5001) in socks.looked
