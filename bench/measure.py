@@ -77,6 +77,35 @@ def read_log(log_dir, iface):
     return out
 
 
+def log_counts(log_dir, iface):
+    """{(src, sport, dst, dport): number of records} from the tab log and its rotated files."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, f"{iface}.log*")), reverse=True):
+        try:
+            with open(path) as f:
+                lines = f.readlines()
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) == 9:
+                key = (cols[3], int(cols[4]), cols[5], int(cols[6]))
+                out[key] = out.get(key, 0) + 1
+    return out
+
+
+def wait_counted(log_dir, iface, expected, timeout, interval=0.2):
+    """Poll until every 4-tuple has at least as many records as `expected` ({key: n}) says: a
+    4-tuple used twice must be logged twice. Returns how many records are still missing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = log_counts(log_dir, iface)
+        short = sum(max(0, n - counts.get(k, 0)) for k, n in expected.items())
+        if not short or time.monotonic() > deadline:
+            return short
+        time.sleep(interval)
+
+
 def wait_logged(log_dir, iface, keys, timeout, interval=0.1):
     """Poll the log until every key is in it or `timeout` passes: (log, missing keys)."""
     deadline = time.monotonic() + timeout

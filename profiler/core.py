@@ -333,8 +333,14 @@ class Profiler(Attribution, Restart, Requests):
             if sides is not None and sides != ("outgoing" if outgoing else "incoming"):
                 continue
             key = (family, local[0], local[1], remote[0], remote[1])
-            if key in self.conns:
-                continue
+            existing = self.conns.get(key)
+            if existing is not None:
+                if not existing.end_reason:
+                    continue   # a retransmitted SYN, or the SYN-ACK of a connection we know
+                # The 4-tuple is in use again: the connection that had it is over, whatever is left
+                # of its CLOSE_LINGER. Harvested now (its rules go before the new ones come), so
+                # that the new connection gets a record of its own.
+                self._harvest([existing])
             owner, inode = self._owner(family, local, remote, outgoing)
             if owner is None:
                 continue

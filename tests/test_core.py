@@ -506,3 +506,27 @@ def test_the_capture_of_a_held_syn_and_its_syn_ack_costs_no_lookup_of_the_other_
     # Without a held SYN before it, the capture looks at both sides, as it must.
     prof.on_packet(ev(L, 5001, R, 80, SYN))
     assert ("listener", R, 80) in socks.looked and ("get", L, 5001) in socks.looked
+
+
+def test_a_4_tuple_reused_within_the_linger_gets_a_record_of_its_own(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11, 12})
+    socks.connect(L, 5000, R, 80, inode=11)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
+    prof.flush()
+    first = next(iter(prof.conns.values()))
+    fw.counters[first.cid] = Counters(3, 300, 4, 400)
+    close_conn(prof, socks, 5000)
+    clock.advance(0.1)            # well within CLOSE_LINGER
+    socks.connect(L, 5000, R, 80, inode=12)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
+    prof.flush()
+    second = next(iter(prof.conns.values()))
+    assert second.cid != first.cid and list(fw.installed) == [second.cid]
+    assert [(r.lport, r.in_bytes, r.out_bytes) for r in sink.records] == [(5000, 300, 400)]
+    fw.counters[second.cid] = Counters(1, 100, 1, 100)
+    close_conn(prof, socks, 5000)
+    clock.advance(2)
+    prof.sweep()
+    prof.flush()
+    assert [(r.lport, r.in_bytes, r.out_bytes) for r in sink.records] == [(5000, 300, 400), (5000, 100, 100)]
