@@ -95,6 +95,7 @@ class Profiler(Attribution, Restart, Requests):
         self._next_background_check = 0.0
         self._remove_failures = {}   # cid -> failed attempts to remove its rules
         self._local_side = {}        # held SYN's 4-tuple -> the side on this host, until its SYN-ACK
+        self._not_before = {}        # cid -> capture events older than this are another connection's
         self._ended = {}          # cid -> Connection that has ended and waits out CLOSE_LINGER
         self._listener_ours = {}  # listening socket inode -> whether a tracked process holds it
         self._remove_since = None  # monotonic time the oldest waiting removal was first deferred
@@ -253,6 +254,8 @@ class Profiler(Attribution, Restart, Requests):
         for conn, sent_by_local in self._match(ev.family, ev.src, ev.sport, ev.dst, ev.dport):
             if conn.end_reason:
                 continue
+            if ev.ts and ev.ts < self._not_before.get(conn.cid, 0.0):
+                continue   # the end of the connection that had this 4-tuple before
             if conn.inode and (ev.rst or (ev.fin and sent_by_local)):
                 # Closed by its process (or reset): the next socket will likely get its fd number.
                 self.processes.socket_closed(conn.inode)
@@ -334,13 +337,16 @@ class Profiler(Attribution, Restart, Requests):
                 continue
             key = (family, local[0], local[1], remote[0], remote[1])
             existing = self.conns.get(key)
+            replaced = False
             if existing is not None:
-                if not existing.end_reason:
+                if not existing.end_reason and not (held and self._new_socket(family, local, remote, existing)):
                     continue   # a retransmitted SYN, or the SYN-ACK of a connection we know
                 # The 4-tuple is in use again: the connection that had it is over, whatever is left
-                # of its CLOSE_LINGER. Harvested now (its rules go before the new ones come), so
-                # that the new connection gets a record of its own.
-                self._harvest([existing])
+                # of its CLOSE_LINGER (or its FINs still wait in the capture's queue). Harvested
+                # now (its rules go before the new ones come), so that the new connection gets a
+                # record of its own.
+                self._harvest([existing], reason="closed")
+                replaced = True
             owner, inode = self._owner(family, local, remote, outgoing)
             if owner is None:
                 continue
@@ -353,11 +359,23 @@ class Profiler(Attribution, Restart, Requests):
                 opened=seen or self.clock.time(), rules_before_first_packet=held, inode=inode,
                 pid_source="socket" if outgoing else "listener")
             self.conns[key] = conn
+            if replaced:
+                # FINs and RSTs of the connection that had this 4-tuple before, captured before now
+                # but not yet handled, must not end this one.
+                self._not_before[conn.cid] = self.clock.time()
             if not outgoing:
                 # The listener's owner may not be the process that accepts: workers forked after
                 # listen() share the socket. Look again once the connection has been accepted.
                 self._unresolved[conn.cid] = [conn, 0, self.clock.monotonic(), None]
             self._want_rules(conn)
+
+    def _new_socket(self, family, local, remote, conn):
+        """Whether the local socket of this 4-tuple is another than `conn`'s (the 4-tuple was freed
+        and taken again before we saw the old connection end)."""
+        if not conn.inode:
+            return False
+        info = self.sockets.get(family, local[0], local[1], remote[0], remote[1])
+        return info is not None and info.inode != 0 and info.inode != conn.inode
 
     def _interface_for(self, local_ip):
         ifaces = self.config.interfaces
@@ -413,6 +431,7 @@ class Profiler(Attribution, Restart, Requests):
             self.conns.pop(conn.key, None)
             self._ended.pop(conn.cid, None)
             self._unresolved.pop(conn.cid, None)
+            self._not_before.pop(conn.cid, None)
             if conn.cid in self._pending_add:
                 # Never committed: nothing to read or remove.
                 del self._pending_add[conn.cid]

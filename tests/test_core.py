@@ -530,3 +530,36 @@ def test_a_4_tuple_reused_within_the_linger_gets_a_record_of_its_own(env):
     prof.sweep()
     prof.flush()
     assert [(r.lport, r.in_bytes, r.out_bytes) for r in sink.records] == [(5000, 300, 400), (5000, 100, 100)]
+
+
+def test_a_4_tuple_taken_again_before_the_old_fins_are_handled_gets_a_record_of_its_own(env):
+    """Under load the capture's FINs may wait in the queue while the SYN of a new socket with the
+    same 4-tuple is held: the socket's inode tells them apart, and the old FINs do not end the new one."""
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11, 12})
+    socks.connect(L, 5000, R, 80, inode=11)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
+    prof.flush()
+    first = next(iter(prof.conns.values()))
+    fw.counters[first.cid] = Counters(3, 300, 4, 400)
+    captured_before = clock.time() + 1.0
+    clock.advance(2)
+    socks.close(L, 5000, R, 80)
+    socks.connect(L, 5000, R, 80, inode=12)   # the old FINs have not been handled yet
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
+    prof.flush()
+    second = next(iter(prof.conns.values()))
+    assert second.cid != first.cid and second.inode == 12 and list(fw.installed) == [second.cid]
+    assert [(r.lport, r.in_bytes, r.out_bytes, r.reason) for r in sink.records] == [(5000, 300, 400, "closed")]
+    # A retransmitted SYN of the same socket is not a new connection.
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
+    prof.flush()
+    assert next(iter(prof.conns.values())).cid == second.cid and len(sink.records) == 1
+    # The old connection's FINs, captured before the new SYN, come now: they end nothing.
+    for src, sport, dst, dport in ((L, 5000, R, 80), (R, 80, L, 5000)):
+        prof.on_packet(Ev("eth9", captured_before, socket.AF_INET, src, sport, dst, dport, FIN))
+    assert not second.end_reason
+    # Its own FINs, captured later, do.
+    for src, sport, dst, dport in ((L, 5000, R, 80), (R, 80, L, 5000)):
+        prof.on_packet(Ev("eth9", clock.time() + 1, socket.AF_INET, src, sport, dst, dport, FIN))
+    assert second.end_reason == "closed"
