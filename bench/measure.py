@@ -60,9 +60,8 @@ def _stamp(text):
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def read_log(log_dir, iface):
-    """{(src, sport, dst, dport): (bytes, epoch time written)} from the tab log and its rotated files."""
-    out = {}
+def _log_rows(log_dir, iface):
+    """The nine columns of every line of the tab log and its rotated files, oldest first."""
     for path in sorted(glob.glob(os.path.join(log_dir, f"{iface}.log*")), reverse=True):
         try:
             with open(path) as f:
@@ -71,26 +70,21 @@ def read_log(log_dir, iface):
             continue   # rotated away under us: the next poll reads it under its new name
         for line in lines:
             cols = line.rstrip("\n").split("\t")
-            if len(cols) != 9:
-                continue
-            out[(cols[3], int(cols[4]), cols[5], int(cols[6]))] = (int(cols[8]), cols[0])
-    return out
+            if len(cols) == 9:
+                yield cols
+
+
+def read_log(log_dir, iface):
+    """{(src, sport, dst, dport): (bytes, epoch time written)} from the tab log and its rotated files."""
+    return {(c[3], int(c[4]), c[5], int(c[6])): (int(c[8]), c[0]) for c in _log_rows(log_dir, iface)}
 
 
 def log_counts(log_dir, iface):
     """{(src, sport, dst, dport): number of records} from the tab log and its rotated files."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(log_dir, f"{iface}.log*")), reverse=True):
-        try:
-            with open(path) as f:
-                lines = f.readlines()
-        except OSError:
-            continue
-        for line in lines:
-            cols = line.rstrip("\n").split("\t")
-            if len(cols) == 9:
-                key = (cols[3], int(cols[4]), cols[5], int(cols[6]))
-                out[key] = out.get(key, 0) + 1
+    for c in _log_rows(log_dir, iface):
+        key = (c[3], int(c[4]), c[5], int(c[6]))
+        out[key] = out.get(key, 0) + 1
     return out
 
 

@@ -508,20 +508,22 @@ def test_the_capture_of_a_held_syn_and_its_syn_ack_costs_no_lookup_of_the_other_
     assert ("listener", R, 80) in socks.looked and ("get", L, 5001) in socks.looked
 
 
+def held_connection(prof, socks, inode, lport=5000):
+    """The connection a held SYN from socket `inode` starts, its rules committed."""
+    socks.connect(L, lport, R, 80, inode=inode)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, lport, R, 80), lambda: None)])
+    prof.flush()
+    return next(c for c in prof.conns.values() if c.lport == lport)
+
+
 def test_a_4_tuple_reused_within_the_linger_gets_a_record_of_its_own(env):
     prof, fw, procs, socks, sink, clock = env
     register(prof, procs, inodes={11, 12})
-    socks.connect(L, 5000, R, 80, inode=11)
-    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
-    prof.flush()
-    first = next(iter(prof.conns.values()))
+    first = held_connection(prof, socks, 11)
     fw.counters[first.cid] = Counters(3, 300, 4, 400)
     close_conn(prof, socks, 5000)
     clock.advance(0.1)            # well within CLOSE_LINGER
-    socks.connect(L, 5000, R, 80, inode=12)
-    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
-    prof.flush()
-    second = next(iter(prof.conns.values()))
+    second = held_connection(prof, socks, 12)
     assert second.cid != first.cid and list(fw.installed) == [second.cid]
     assert [(r.lport, r.in_bytes, r.out_bytes) for r in sink.records] == [(5000, 300, 400)]
     fw.counters[second.cid] = Counters(1, 100, 1, 100)
@@ -537,18 +539,12 @@ def test_a_4_tuple_taken_again_before_the_old_fins_are_handled_gets_a_record_of_
     same 4-tuple is held: the socket's inode tells them apart, and the old FINs do not end the new one."""
     prof, fw, procs, socks, sink, clock = env
     register(prof, procs, inodes={11, 12})
-    socks.connect(L, 5000, R, 80, inode=11)
-    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
-    prof.flush()
-    first = next(iter(prof.conns.values()))
+    first = held_connection(prof, socks, 11)
     fw.counters[first.cid] = Counters(3, 300, 4, 400)
     captured_before = clock.time() + 1.0
     clock.advance(2)
-    socks.close(L, 5000, R, 80)
-    socks.connect(L, 5000, R, 80, inode=12)   # the old FINs have not been handled yet
-    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
-    prof.flush()
-    second = next(iter(prof.conns.values()))
+    socks.close(L, 5000, R, 80)   # the old FINs have not been handled yet
+    second = held_connection(prof, socks, 12)
     assert second.cid != first.cid and second.inode == 12 and list(fw.installed) == [second.cid]
     assert [(r.lport, r.in_bytes, r.out_bytes, r.reason) for r in sink.records] == [(5000, 300, 400, "closed")]
     # A retransmitted SYN of the same socket is not a new connection.
