@@ -71,6 +71,7 @@ class Profiler(Attribution, Restart, Requests):
         self._dirty_jobs, self._dropped_jobs = set(), set()
         self._dirty_procs, self._dropped_procs = set(), set()
         self._new_records = []
+        self._gone_conns = set()
         self._next_verify = 0.0
         self._next_full_verify = 0.0
         self._next_scan = 0.0
@@ -450,10 +451,13 @@ class Profiler(Attribution, Restart, Requests):
         """One transaction: what must be durable before the rules of `new_conns` are installed."""
         if self.store is None:
             self._dirty_jobs.clear(), self._dropped_jobs.clear(), self._dirty_procs.clear()
-            self._dropped_procs.clear(), self._new_records.clear()
+            self._dropped_procs.clear()
             return
+        # Kept until written: a connection left in the store would come back after a restart and
+        # be recorded a second time, over its first record.
+        self._gone_conns.update(gone_conns)
         if not (self._dirty_jobs or self._dropped_jobs or self._dirty_procs or self._dropped_procs
-                or self._new_records or new_conns or gone_conns):
+                or self._new_records or new_conns or self._gone_conns):
             return
         with self.store.batch():
             for job_id in self._dirty_jobs - self._dropped_jobs:
@@ -466,13 +470,13 @@ class Profiler(Attribution, Restart, Requests):
                 if pid not in self.procs:
                     self.store.drop_process(pid)
             self.store.put_connections(new_conns)
-            self.store.drop_connections(gone_conns)
+            self.store.drop_connections(sorted(self._gone_conns))
             self.store.put_records([r for r in self._new_records if r.job in self.jobs])
             for job_id in self._dropped_jobs:
                 if job_id not in self.jobs:
                     self.store.drop_job(job_id)
         self._dirty_jobs.clear(), self._dropped_jobs.clear(), self._dirty_procs.clear()
-        self._dropped_procs.clear(), self._new_records.clear()
+        self._dropped_procs.clear(), self._new_records.clear(), self._gone_conns.clear()
 
     def flush(self, defer_harvest=False):
         """Commit what is pending. With `defer_harvest`, removals alone wait up to HARVEST_BATCH_WAIT
@@ -550,8 +554,11 @@ class Profiler(Attribution, Restart, Requests):
         self.stats["harvested"] += 1
         job = self.jobs.get(conn.job)
         if job is not None:
-            job.records.append(rec)
-            self._new_records.append(rec)
+            job.count(rec)
+            if self.store is None:
+                job.records.append(rec)
+            else:
+                self._new_records.append(rec)
         try:
             self.sink.write(rec)
         except Exception:

@@ -1,5 +1,6 @@
 """The profiler's tables: jobs, tracked processes, connections, and records."""
 import ipaddress
+import socket
 from dataclasses import asdict, dataclass, field
 
 
@@ -23,7 +24,18 @@ class Job:
     cgroup: str = ""        # membership by cgroup: the directory whose processes all belong
     untracked: int = 0      # connections left without rules because the rule table was full
     owner_uid: int = -1     # uid of the first registered process: who may end the job from the unix socket
-    records: list = field(default_factory=list)   # records of harvested connections
+    # Harvested connections: how many, and their bytes. Their records live in the durable store
+    # when there is one (a job may close hundreds of thousands of connections before its
+    # EndProfile; kept here they cost about 600 bytes each), else in `records`.
+    harvested: int = 0
+    harvested_in: int = 0
+    harvested_out: int = 0
+    records: list = field(default_factory=list)
+
+    def count(self, record):
+        self.harvested += 1
+        self.harvested_in += record.in_bytes
+        self.harvested_out += record.out_bytes
 
 
 @dataclass
@@ -87,6 +99,10 @@ class Record:
         d = asdict(self)
         d["family"] = "ipv4" if self.family == 2 else "ipv6"
         return d
+
+    @classmethod
+    def from_json(cls, d):
+        return cls(**{**d, "family": socket.AF_INET if d["family"] == "ipv4" else socket.AF_INET6})
 
 
 def is_internal(address, networks):

@@ -86,7 +86,7 @@ class Requests:
             self._dropped_procs.add(p)
         job.roots.discard(pid)
         self._dirty_jobs.add(job_id)
-        records = [r for r in job.records if r.pid in members]
+        records = self._records_of(job, members)
         return {"status": "ok", "job": job_id, "pid": pid, "connections": [r.to_json() for r in records],
                 "totals": totals(records, self.config.internal_networks)}
 
@@ -97,6 +97,7 @@ class Requests:
         self._authorize_job(caller, job)
         self._harvest([c for c in self.conns.values() if c.job == job_id], reason="EndProfile")
         self.flush()
+        records = self._records_of(job)     # before the store forgets the job
         for pid in [p for p, t in self.procs.items() if t.job == job_id]:
             del self.procs[pid]
             self.processes.forget(pid)
@@ -104,10 +105,9 @@ class Requests:
         del self.jobs[job_id]
         self._dropped_jobs.add(job_id)
         self._persist()
-        self._ended_jobs[job_id] = (sum(r.in_bytes for r in job.records), sum(r.out_bytes for r in job.records),
-                                    self.clock.monotonic())
-        return {"status": "ok", "job": job_id, "connections": [r.to_json() for r in job.records],
-                "totals": totals(job.records, self.config.internal_networks, job.untracked)}
+        self._ended_jobs[job_id] = (job.harvested_in, job.harvested_out, self.clock.monotonic())
+        return {"status": "ok", "job": job_id, "connections": [r.to_json() for r in records],
+                "totals": totals(records, self.config.internal_networks, job.untracked)}
 
     def req_job(self, job_id, caller=None):
         """A running job's bytes so far: harvested connections plus live counters of open ones."""
@@ -116,11 +116,21 @@ class Requests:
             raise NotFound(f"unknown job {job_id!r}")
         self._authorize_job(caller, job)
         live = self._live_records([c for c in self.conns.values() if c.job == job_id])
-        records = job.records + live
+        records = self._records_of(job) + live
         return {"status": "ok", "job": job_id,
                 "processes": sorted(p for p, t in self.procs.items() if t.job == job_id),
                 "connections": [r.to_json() for r in records],
                 "totals": totals(records, self.config.internal_networks, job.untracked)}
+
+    def _records_of(self, job, pids=None):
+        """The records of a job's harvested connections (with `pids`, of these processes only), oldest
+        first: from the durable store (those written) and the batch it has still to write, or from
+        the job itself when there is no store."""
+        wanted = (lambda r: r.job == job.job_id and (pids is None or r.pid in pids))  # noqa: E731
+        if self.store is None:
+            return [r for r in job.records if wanted(r)]
+        return ([Record.from_json(d) for d in self.store.records_of(job.job_id, pids)]
+                + [r for r in self._new_records if wanted(r)])
 
     def _live_records(self, conns):
         installed = [c for c in conns if c.rules_installed]
@@ -139,7 +149,7 @@ class Requests:
             "interfaces": {i: {**s, **stats.get(i, {})} for i, s in self.capture_status.items()},
             "jobs": {j.job_id: {"processes": sorted(p for p, t in self.procs.items() if t.job == j.job_id),
                                 "live_connections": sum(1 for c in self.conns.values() if c.job == j.job_id),
-                                "harvested_connections": len(j.records)}
+                                "harvested_connections": j.harvested}
                      for j in self.jobs.values()},
             "tracked_processes": len(self.procs),
             "live_connections": len(self.conns),
@@ -163,8 +173,7 @@ class Requests:
         jobs = {job_id: (inb, outb) for job_id, (inb, outb, _) in self._ended_jobs.items()}
         live = {r.cid: r for r in self._live_records(list(self.conns.values()))} if self.conns else {}
         for job in self.jobs.values():
-            inb = sum(r.in_bytes for r in job.records)
-            outb = sum(r.out_bytes for r in job.records)
+            inb, outb = job.harvested_in, job.harvested_out
             for conn in self.conns.values():
                 if conn.job == job.job_id and conn.cid in live:
                     inb += live[conn.cid].in_bytes

@@ -5,7 +5,7 @@ A mixin of the Profiler: it runs before the profiler thread starts.
 import logging
 import socket
 
-from .model import Connection, Job, Record, TrackedProcess
+from .model import Connection, Job, TrackedProcess
 from .proctable import ProcessIdentity
 from .sockdiag import LIVE_STATES, TCP_STATES
 
@@ -17,15 +17,12 @@ class Restart:
         """Before the thread starts: take back the jobs, processes and connections of the durable state.
 
         Returns {cid: RuleSpec} of the connections whose rules may still be in the kernel, counting."""
-        jobs, procs, conns, records = state
+        jobs, procs, conns, record_totals = state
         for j in jobs:
-            self.jobs[j["job_id"]] = Job(j["job_id"], j["started"], roots=set(j["roots"]), cgroup=j["cgroup"],
-                                         owner_uid=j["owner_uid"])
-        for r in records:
-            job = self.jobs.get(r["job"])
-            if job is not None:
-                job.records.append(Record(**{**r, "family": socket.AF_INET if r["family"] == "ipv4"
-                                             else socket.AF_INET6}))
+            job = Job(j["job_id"], j["started"], roots=set(j["roots"]), cgroup=j["cgroup"], owner_uid=j["owner_uid"])
+            # The records stay in the store, read back when asked for; only their count and bytes here.
+            job.harvested, job.harvested_in, job.harvested_out = record_totals.get(job.job_id, (0, 0, 0))
+            self.jobs[job.job_id] = job
         for p in procs:
             if p["job"] in self.jobs:
                 ident = ProcessIdentity(p["pid"], p["uid"], p["user"], p["create_time"])

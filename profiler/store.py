@@ -92,8 +92,23 @@ class StateStore:
         procs = [dict(pid=p, uid=u, user=n, create_time=t, job=j, registered=bool(g), root=r)
                  for p, u, n, t, j, g, r in self.db.execute("SELECT * FROM processes")]
         conns = [json.loads(d) for (d,) in self.db.execute("SELECT data FROM connections")]
-        records = [json.loads(d) for (d,) in self.db.execute("SELECT data FROM records")]
-        return jobs, procs, conns, records
+        return jobs, procs, conns, self.record_totals()
+
+    def record_totals(self):
+        """{job: (records, in_bytes, out_bytes)} of the harvested connections kept for each job."""
+        return {job: (n, inb, outb) for job, n, inb, outb in self.db.execute(
+            "SELECT job, count(*), coalesce(sum(json_extract(data, '$.in_bytes')), 0),"
+            " coalesce(sum(json_extract(data, '$.out_bytes')), 0) FROM records GROUP BY job")}
+
+    def records_of(self, job_id, pids=None):
+        """The kept records (JSON form) of a job's harvested connections, in the order written; with
+        `pids`, only those of these processes."""
+        sql, args = "SELECT data FROM records WHERE job=?", [job_id]
+        if pids is not None:
+            pids = sorted(pids)
+            sql += f" AND json_extract(data, '$.pid') IN ({','.join('?' * len(pids))})"
+            args += pids
+        return [json.loads(d) for (d,) in self.db.execute(sql + " ORDER BY rowid", args)]
 
 
 class _Batch:

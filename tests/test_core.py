@@ -559,3 +559,61 @@ def test_a_4_tuple_taken_again_before_the_old_fins_are_handled_gets_a_record_of_
     for src, sport, dst, dport in ((L, 5000, R, 80), (R, 80, L, 5000)):
         prof.on_packet(Ev("eth9", clock.time() + 1, socket.AF_INET, src, sport, dst, dport, FIN))
     assert second.end_reason == "closed"
+
+
+def test_harvested_records_are_kept_in_the_store_not_in_memory_and_survive_a_restart(tmp_path, monkeypatch):
+    import sqlite3
+    from profiler.store import StateStore
+    fw, procs, socks, sink, clock = FakeFirewall(), FakeProcesses(), FakeSockets(), ListSink(), FakeClock()
+    config = Config(interfaces=("eth9",), rules_threshold=1000, close_linger=1.0, sweep_interval=0.5)
+    store = StateStore(str(tmp_path / "state.db"))
+    prof = Profiler(config, fw, procs, socks, sink, clock, store=store)
+    first, second = procs.add(100, inodes={11, 13}), procs.add(200, inodes={12})
+    prof.req_start("job#1", 100, first.user, first.create_time)
+    prof.req_start("job#1", 200, second.user, second.create_time)
+
+    def connection(lport, inode, counters):
+        open_conn(prof, socks, lport, inode)
+        fw.counters[next(iter(fw.installed))] = counters
+        close_conn(prof, socks, lport)
+        prof.sweep()
+        clock.advance(1.0)
+        prof.sweep()
+        prof.flush()
+
+    connection(5000, 11, Counters(1, 100, 2, 200))
+    connection(5001, 12, Counters(1, 101, 2, 201))
+    job = prof.jobs["job#1"]
+    assert job.records == [] and (job.harvested, job.harvested_in, job.harvested_out) == (2, 201, 401)
+    assert store.record_totals() == {"job#1": (2, 201, 401)}
+    assert prof.req_status()["jobs"]["job#1"]["harvested_connections"] == 2
+    assert prof.req_metrics()["jobs"]["job#1"] == (201, 401)
+    assert [(c["lport"], c["in_bytes"]) for c in prof.req_job("job#1")["connections"]] == [(5000, 100), (5001, 101)]
+    # A record the store failed to take is still answered from the batch it has to write again.
+    put_records = store.put_records
+
+    def failing(records):
+        if records:
+            raise sqlite3.OperationalError("disk I/O error")
+        put_records(records)
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "put_records", failing)
+        connection(5002, 13, Counters(1, 7, 1, 9))
+    assert [r.lport for r in prof._new_records] == [5002] and store.record_totals()["job#1"][0] == 2
+    assert [c["lport"] for c in prof.req_job("job#1")["connections"]] == [5000, 5001, 5002]
+    ended = prof.req_end_process("job#1", 200, second.user, second.create_time)
+    assert [(c["lport"], c["pid"], c["out_bytes"]) for c in ended["connections"]] == [(5001, 200, 201)]
+    assert prof._new_records == [] and store.record_totals()["job#1"][0] == 3
+    store.close()
+
+    store = StateStore(str(tmp_path / "state.db"))
+    again = Profiler(config, FakeFirewall(), procs, FakeSockets(), ListSink(), clock, store=store)
+    again.restore(store.load())
+    assert again.req_status()["jobs"]["job#1"]["harvested_connections"] == 3
+    answer = again.req_end_job("job#1")
+    assert [(c["lport"], c["in_bytes"], c["out_bytes"]) for c in answer["connections"]] == [
+        (5000, 100, 200), (5001, 101, 201), (5002, 7, 9)]
+    assert answer["totals"]["in_bytes"] == 208 and answer["totals"]["connections"] == 3
+    assert store.record_totals() == {} and store.records_of("job#1") == []
+    store.close()
