@@ -6,8 +6,8 @@ direction's chain dispatches on port ranges, two levels deep, to leaf chains
 that hold the per-connection rules:
 
   NETPROF_I_<iface>        (jumped to from INPUT)     -p tcp --dport 32768:36863 -j NETPROF_ILx8_<iface>
-  NETPROF_ILx8_<iface>     (4,096 ports)              -p tcp --dport 32768:33023 -j NETPROF_IL80_<iface>
-  NETPROF_IL80_<iface>     (256 ports, a leaf)        one rule per connection
+  NETPROF_ILx8_<iface>     (4,096 ports)              -p tcp --dport 32768:33023 -g NETPROF_IL80_<iface>
+  NETPROF_IL80_<iface>     (256 ports, a leaf)        one rule per connection, -j RETURN
 
 A connection is filed under its larger port, the one that varies between
 connections (the ephemeral port): block L when that is the local port (as for
@@ -67,12 +67,15 @@ class Counters:
 
 @dataclass(frozen=True)
 class Hop:
-    """One dispatch rule: in `chain`, TCP packets whose `field` port is in lo..hi go to `target`."""
+    """One dispatch rule: in `chain`, TCP packets whose `field` port is in lo..hi go to `target`
+    (-g with `goto`: at the end of `target` the packet goes back to the chain that jumped to
+    `chain`, not on through `chain`'s other hops, which cannot match it)."""
     chain: str
     field: str
     lo: int
     hi: int
     target: str
+    goto: bool = False
 
 
 def chain_names(interface):
@@ -91,7 +94,9 @@ def path(spec, direction):
     mid = f"{PREFIX}_{direction}{block}x{port >> 12:x}_{spec.interface}"
     leaf = f"{PREFIX}_{direction}{block}{port >> 8:02x}_{spec.interface}"
     lo1, lo2 = port >> 12 << 12, port >> 8 << 8
-    return (Hop(top, field, lo1, lo1 + 4095, mid), Hop(mid, field, lo2, lo2 + 255, leaf)), leaf
+    # top -> mid is a jump: the top chain also holds the other block's hops, which the packet may
+    # match. mid -> leaf is a goto: a mid chain's ranges do not overlap.
+    return (Hop(top, field, lo1, lo1 + 4095, mid), Hop(mid, field, lo2, lo2 + 255, leaf, goto=True)), leaf
 
 
 def chain_info(name):

@@ -22,7 +22,7 @@ from .firewall import Counters, RuleSpec
 from .model import Connection, Record
 from .requests import Requests
 from .restart import Restart
-from .sockdiag import LIVE_STATES
+from .sockdiag import LIVE_STATES, TCP_STATES
 
 # Sockets looked at per sweep after packets may have been lost (see _check_sockets).
 LOSS_CHECK_BUDGET = 2000
@@ -72,6 +72,7 @@ class Profiler(Attribution, Restart, Requests):
         self._dirty_procs, self._dropped_procs = set(), set()
         self._new_records = []
         self._gone_conns = set()
+        self._gc_socket_check_at, self._gc_socket_check_found = -math.inf, False
         self._next_verify = 0.0
         self._next_full_verify = 0.0
         self._next_scan = 0.0
@@ -413,6 +414,8 @@ class Profiler(Attribution, Restart, Requests):
         now = self.clock.monotonic()
         self._check_processes(now)
         ended = [c for c in self.conns.values() if c.end_reason]
+        if not ended and (self._gc_socket_check_found or now >= self._gc_socket_check_at + self.config.sweep_interval):
+            ended = self._end_socketless(now)
         self._harvest(ended)
         self.flush()
         log.info("garbage collector reclaimed %d connections; %d rules installed", len(ended),
@@ -614,6 +617,23 @@ class Profiler(Attribution, Restart, Requests):
                 break
             done.append(conn)
         self._harvest(done)
+
+    def _end_socketless(self, now):
+        """Connections whose socket the kernel no longer has (their FINs may still wait in our
+        queue): ended, for a full table to take new ones. One dump of the live sockets, at most
+        once a sweep interval unless the last one found some."""
+        states = sum(1 << n for n, name in TCP_STATES.items() if name in LIVE_STATES)
+        live = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for info in self.sockets.dump(family, states=states):
+                live.add((family, info.local, info.lport, info.remote, info.rport))
+                if family == socket.AF_INET6 and info.local.startswith("::ffff:"):   # dual-stack socket
+                    live.add((socket.AF_INET, info.local[7:], info.lport, info.remote[7:], info.rport))
+        ended = [c for c in self.conns.values() if not c.end_reason and c.key not in live]
+        for conn in ended:
+            self._end(conn, "closed", now)
+        self._gc_socket_check_at, self._gc_socket_check_found = now, bool(ended)
+        return ended
 
     def _check_processes(self, now):
         for pid, tracked in list(self.procs.items()):

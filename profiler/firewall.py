@@ -13,10 +13,17 @@ We own one set of chains in the legacy tables and touch no other rule:
   listening ports to an NFQUEUE (with --queue-bypass, so traffic flows if we
   are gone), where the service holds them until their rules are committed.
 
-Every change is one refresh-modify-commit cycle done while holding
-/run/xtables.lock, as the iptables commands do: python-iptables does not take
-the lock, and two uncoordinated writers silently drop each other's rules. Many
-changes are batched into one commit because each commit rewrites the table.
+Every change is done while holding /run/xtables.lock, as the iptables
+commands do: python-iptables does not take the lock, and two uncoordinated
+writers silently drop each other's rules. Many changes are batched into one
+commit because each commit rewrites the table.
+
+Connection rules come and go through xtblob.py: the filter table is kept as
+our last commit left it and committed without libiptc, so a change does not
+first read the whole table back (half the cost of a cycle at 10,000 rules).
+It is read again whenever another program may have changed it: it used the
+lock (xtlock.LockWatch) or the kernel's summary of the table differs. Setup,
+verification, repairs and teardown, which are rare, go through python-iptables.
 """
 import ctypes
 import errno
@@ -33,12 +40,12 @@ import iptc
 
 from .chains import CT_CHAIN, HOLD_IN, HOLD_OUT, PREFIX, Counters, RuleSpec, chain_info, chain_names, path
 from .errors import FirewallError
+from .xtblob import RawTable
+from .xtlock import LOCK_PATH, LockWatch, XtablesLock
 
 __all__ = ["Counters", "RuleSpec", "Leftover", "IptablesFirewall", "XtablesLock", "chain_names"]
 
 log = logging.getLogger("netprofiler")
-
-LOCK_PATH = "/run/xtables.lock"
 
 
 @dataclass(frozen=True)
@@ -50,29 +57,6 @@ class Leftover:
 
 def _host(addr):
     return addr.split("/")[0]
-
-
-class XtablesLock:
-    def __init__(self, path=LOCK_PATH, timeout=10.0):
-        self.path = path
-        self.timeout = timeout
-
-    @contextmanager
-    def held(self):
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            deadline = time.monotonic() + self.timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                        raise FirewallError(f"cannot take {self.path}: another program holds it") from None
-                    time.sleep(0.001)
-            yield
-        finally:
-            os.close(fd)
 
 
 class _PairTemplate:
@@ -136,6 +120,10 @@ class _PairTemplate:
         sport, dport = struct.unpack("=HH", key[2 * n:])
         return (socket.inet_ntop(self.family, key[:n]), sport, socket.inet_ntop(self.family, key[n:2 * n]), dport)
 
+    def matches(self, src, sport, dst, dport):
+        """entry() up to its target."""
+        return bytes(self.entry(src, sport, dst, dport))[:self.target_offset]
+
     def entry(self, src, sport, dst, dport):
         buf = bytearray(self.raw)
         n = self.addr_len
@@ -163,6 +151,10 @@ def table_info(family, name):
             err = ctypes.get_errno()
             raise FirewallError(f"cannot read the summary of table {name}: {os.strerror(err)}")
     return buf.raw[32:size.value]
+
+
+class _Unreadable(Exception):
+    """xtblob cannot read a table (a layout it does not know): libiptc is used instead."""
 
 
 class _ChainSet:
@@ -223,13 +215,27 @@ class _Family:
         return r
 
     def dispatch_rule(self, hop):
-        """-p tcp --sport|--dport lo:hi -j target"""
+        """-p tcp --sport|--dport lo:hi -j|-g target"""
         r = self.rule_cls()
         r.protocol = "tcp"
         m = r.create_match("tcp")
         setattr(m, hop.field, f"{hop.lo}:{hop.hi}")
-        r.create_target(hop.target)
+        r.create_target(hop.target, goto=hop.goto)
         return r
+
+    def dispatch_matches(self, hop):
+        """The raw entry of a dispatch rule up to its target: its jump is set in the raw table."""
+        r = self.rule_cls()
+        r.protocol = "tcp"
+        m = r.create_match("tcp")
+        setattr(m, hop.field, f"{hop.lo}:{hop.hi}")
+        r.create_target("RETURN")
+        r.final_check()
+        raw = bytes(ctypes.string_at(ctypes.addressof(r.rule), ctypes.sizeof(r.rule)))
+        header = iptc.ip4tc.ipt_entry if self.family == socket.AF_INET else iptc.ip6tc.ip6t_entry
+        # No addresses: python-iptables leaves whatever was in its buffer beside the zero masks.
+        addresses = 16 if self.family == socket.AF_INET else 64
+        return bytes(addresses) + raw[addresses:header.from_buffer_copy(raw[:ctypes.sizeof(header)]).target_offset]
 
     def jumps(self, chain_name):
         """Targets of the rules of a (small) chain, read without parsing the matches."""
@@ -274,6 +280,11 @@ class IptablesFirewall:
         self._hold = (frozenset(), frozenset())
         self._committed = {}  # (family, table) -> table_info() right after our last commit of it
         self._foreign = set()   # (family, table) changed by another program since verify() last looked
+        # The filter table of each family as our last commit left it (xtblob.py), and the lock
+        # watch's generation then: read again only when another program may have changed it.
+        self._raw = {}
+        self._watch = None
+        self._no_raw = set()    # families whose table xtblob cannot read: libiptc does it all
 
     @property
     def rule_count(self):
@@ -313,6 +324,8 @@ class IptablesFirewall:
             before = self._summary(key)
             if before is None or before != self._committed.get(key, before):
                 self._foreign.add(key)
+            if fam.table.name == "filter":
+                self._raw.pop(fam.family, None)      # libiptc changes it: read again before use
             try:
                 fam.table.refresh()
                 yield
@@ -617,20 +630,104 @@ class IptablesFirewall:
             if stale:
                 log.error("removing the stale rules of %s: a new connection has their 4-tuple", sorted(stale))
                 gone = gone + [self._installed[cid] for cid in stale if cid in self._installed]
-            with self._cycle(fam):
-                if gone:
-                    existing = _ChainSet(fam.table)
-                    leaves = [name for name in self._leaves_of(gone) if name in existing]
-                    harvested.update(self._counters(fam, {s.cid for s in gone}, delete=True, chains=leaves))
-                if adds:
-                    existing, jumps = _ChainSet(fam.table), {}
-                    for spec in adds:
-                        self._insert_pair(fam, spec, existing, jumps)
+            raw_done = False
+            if family not in self._no_raw:
+                try:
+                    harvested.update(self._apply_raw(fam, adds, gone))
+                    raw_done = True
+                except _Unreadable as exc:
+                    log.warning("the %s filter table is changed through libiptc from now on: %s",
+                                self._fname(family), exc)
+                    self._no_raw.add(family)
+            if not raw_done:
+                with self._cycle(fam):
+                    if gone:
+                        existing = _ChainSet(fam.table)
+                        leaves = [name for name in self._leaves_of(gone) if name in existing]
+                        harvested.update(self._counters(fam, {s.cid for s in gone}, delete=True, chains=leaves))
+                    if adds:
+                        existing, jumps = _ChainSet(fam.table), {}
+                        for spec in adds:
+                            self._insert_pair(fam, spec, existing, jumps)
             for spec in gone:       # first: a new connection may reuse a removed one's 4-tuple
                 self._disown(spec.cid)
             for spec in adds:
                 self._own(spec)
         return harvested
+
+    def _raw_table(self, fam):
+        """Under the lock: the filter table, read again only if another program may have changed it
+        since our last commit (it closed the lock file, or the kernel's summary differs)."""
+        if self._watch is None:
+            self._watch = LockWatch(self.lock)
+        generation = self._watch.current()
+        key = (fam.family, fam.table.name)
+        held = self._raw.get(fam.family)
+        summary = self._summary(key)
+        if held is not None and held[1] == generation and summary is not None and summary == self._committed.get(key):
+            return held[0]
+        if summary is None or summary != self._committed.get(key, summary):
+            self._foreign.add(key)
+        raw = RawTable(fam.family, "filter")
+        try:
+            raw.load()
+        except FirewallError as exc:
+            raise _Unreadable(str(exc)) from None
+        self._raw[fam.family] = (raw, generation)
+        return raw
+
+    def _apply_raw(self, fam, adds, gone):
+        """apply() for one family on the table kept from our last commit: the kernel is asked for
+        it again only after another program's change. Removed rules' counters come from the
+        commit itself, final to the packet."""
+        key, template = (fam.family, fam.table.name), fam.template
+        wanted = {s.cid for s in gone}
+        with self.lock.held():
+            raw = self._raw_table(fam)
+            doomed = []      # (entry, cid, inbound)
+            for leaf in self._leaves_of(gone):
+                if leaf not in raw:
+                    continue
+                inbound = chain_info(leaf)[1] == "I"
+                mine = []
+                for e in raw.rules(leaf):
+                    k = template.key_of(e.raw)
+                    cid = self._owner.get((fam.family, leaf, k)) if k is not None else None
+                    if cid in wanted:
+                        mine.append(e)
+                        doomed.append((e, cid, inbound))
+                if mine:
+                    raw.remove(leaf, mine)
+            jumps = {}
+            for spec in adds:
+                for direction, (leaf, four) in zip(("I", "O"), spec.tuples()):
+                    for hop in path(spec, direction)[0]:
+                        if hop.chain not in raw:
+                            raise FirewallError(f"chain {hop.chain} is missing")
+                        if hop.target not in raw:
+                            raw.add_chain(hop.target)
+                        known = jumps.get(hop.chain)
+                        if known is None:
+                            known = jumps[hop.chain] = set(raw.jumps(hop.chain))
+                        if hop.target not in known:
+                            raw.add_jump(hop.chain, fam.dispatch_matches(hop), hop.target, hop.goto)
+                            known.add(hop.target)
+                    raw.insert(leaf, template.matches(*four))     # newest first
+            try:
+                final = raw.commit()
+            except FirewallError:
+                self._raw.pop(fam.family, None)    # in whatever state the kernel has: read it again
+                raise
+            self._committed[key] = self._summary(key)
+        found = {}
+        for e, cid, inbound in doomed:
+            packets, nbytes = final[e]
+            c = found.get(cid, Counters(in_rules=0, out_rules=0))
+            found[cid] = (Counters(c.in_packets + packets, c.in_bytes + nbytes, c.out_packets,
+                                   c.out_bytes, c.in_rules + 1, c.out_rules) if inbound
+                          else Counters(c.in_packets, c.in_bytes, c.out_packets + packets,
+                                        c.out_bytes + nbytes, c.in_rules, c.out_rules + 1))
+        return found
 
     def read(self, specs):
         """Live counters of installed pairs, without changing anything."""

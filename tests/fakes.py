@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from profiler.errors import FirewallError, NotFound
 from profiler.firewall import Counters
 from profiler.proctable import ProcessIdentity
-from profiler.sockdiag import SocketInfo
+from profiler.sockdiag import ALL_STATES, LISTEN_STATES, TCP_STATES, SocketInfo
 
 
 class FakeFirewall:
@@ -128,8 +128,10 @@ class FakeSockets:
     def listener(self, family, local, lport):
         return self.listeners.get((family, local, lport)) or self.listeners.get((family, "0.0.0.0", lport))
 
-    def dump(self, family, states=0):
-        return [i for k, i in self.listeners.items() if k[0] == family]
+    def dump(self, family, states=ALL_STATES):
+        numbers = {name: n for n, name in TCP_STATES.items()}
+        out = [i for k, i in self.listeners.items() if k[0] == family] if states & LISTEN_STATES else []
+        return out + [i for k, i in self.table.items() if k[0] == family and states & (1 << numbers[i.state])]
 
 
 class ListSink:

@@ -80,6 +80,42 @@ def stale_pair_with_a_reused_4_tuple():
     return out
 
 
+def save(tool="iptables-legacy-save"):
+    return [line for line in subprocess.run([tool, "-t", "filter", "-c"], check=True, capture_output=True,
+                                            text=True).stdout.splitlines() if not line.startswith("#")]
+
+
+def foreign_changes_between_our_commits():
+    """Between two of our commits another program changes the filter table, once without changing
+    its size (a policy, a rule replaced by one as long): our next commit keeps what it did, and the
+    counters it gave our rules are what a harvest reads."""
+    subprocess.run(["iptables-legacy", "-w", "-N", "SOMEONE"], check=True)
+    subprocess.run(["iptables-legacy", "-w", "-A", "SOMEONE", "-p", "udp", "--dport", "53", "-j", "ACCEPT"], check=True)
+    fw = IptablesFirewall([IFACE])
+    fw.setup()
+    # set_counters() sets the first rule of a leaf: one connection a leaf, until the third one.
+    first, second, third = spec("c1", 40001), spec("c2", 40301), spec("c3", 40003)
+    fw.apply(add=[first, second])
+    subprocess.run(["iptables-legacy", "-w", "-P", "FORWARD", "DROP"], check=True)
+    subprocess.run(["iptables-legacy", "-w", "-R", "SOMEONE", "1", "-p", "udp", "--dport", "54", "-j", "DROP"],
+                   check=True)
+    set_counters(first, "I", 3, 3000)
+    set_counters(first, "O", 4, 4000)
+    set_counters(second, "I", 5, 5000)
+    set_counters(second, "O", 6, 6000)
+    fw.apply(add=[third])                 # the others' entries move: their counts must go with them
+    mid = save()
+    subprocess.run(["iptables-legacy", "-w", "-A", "SOMEONE", "-p", "udp", "--dport", "55", "-j", "ACCEPT"],
+                   check=True)
+    harvested = fw.apply(remove=[first])
+    out = {"harvested": {cid: [c.in_packets, c.in_bytes, c.out_packets, c.out_bytes] for cid, c in harvested.items()},
+           "read": {cid: [c.in_bytes, c.out_bytes] for cid, c in fw.read([second, third]).items()},
+           "mid": mid, "after": save(), "fixes": fw.verify(full=True)}
+    fw.teardown()
+    out["teardown"] = save()
+    return out
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.ERROR)
     result = globals()[sys.argv[1]]()

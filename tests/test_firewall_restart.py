@@ -42,3 +42,19 @@ def test_a_stale_pair_with_a_new_connection_s_4_tuple_is_removed_not_summed(netp
     assert out["new"] == {"new": [0, 0]}
     assert out["fixes"] == [[], []]
     assert leftover_rules(netpair.a) == []
+
+
+def test_what_another_program_does_between_our_commits_is_kept(netpair):
+    out = scenario(netpair.a, "foreign_changes_between_our_commits")
+    for table in (out["mid"], out["after"]):
+        # Not ours, made while we kept the table: still there after our commits.
+        assert ":FORWARD DROP [0:0]" in table
+        assert any("-A SOMEONE -p udp -m udp --dport 54 -j DROP" in line for line in table)
+        assert not any("--dport 53 " in line for line in table)
+    assert any("-A SOMEONE -p udp -m udp --dport 55 -j ACCEPT" in line for line in out["after"])
+    # The counters the other program gave our rules: carried over our commits, read at removal.
+    assert out["harvested"] == {"c1": [3, 3000, 4, 4000]}
+    assert out["read"] == {"c2": [5000, 6000], "c3": [0, 0]}
+    assert out["fixes"] == [[], []]
+    assert not any("NETPROF" in line for line in out["teardown"])
+    assert any("--dport 55" in line for line in out["teardown"]) and ":FORWARD DROP [0:0]" in out["teardown"]

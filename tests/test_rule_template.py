@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from profiler.chains import Hop
 from profiler.firewall import _Family
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="python-iptables loads xtables extensions as root")
@@ -62,7 +63,7 @@ def test_other_rules_are_not_read_as_connection_rules():
         others = [
             fam.rule(None, 0, None, 0, target="ACCEPT", in_iface="eth0"),
             fam.rule(src + ("/24" if fam_id == socket.AF_INET else "/64"), 1, dst, 2),   # not an exact address
-            fam.dispatch_rule(type("Hop", (), {"field": "dport", "lo": 1000, "hi": 2000, "target": "RETURN"})),
+            fam.dispatch_rule(Hop("NETPROF_I_eth0", "dport", 1000, 2000, "RETURN")),
         ]
         header = iptc.ip4tc.ipt_entry if fam_id == socket.AF_INET else iptc.ip6tc.ip6t_entry
         for rule in others:

@@ -1,0 +1,79 @@
+"""The lock watch: which closes of the xtables lock file are another program's."""
+import os
+import subprocess
+import sys
+
+from profiler.xtlock import LockWatch, XtablesLock
+
+
+def other_program_opens(path, mode="r"):
+    # As an iptables command does: another process opens the file, then closes it on exit.
+    subprocess.run([sys.executable, "-c", f"open({path!r}, {mode!r}).close()"], check=True)
+
+
+def test_generation_moves_for_other_programs_only(tmp_path):
+    lock = XtablesLock(path=str(tmp_path / "xtables.lock"))
+    with lock.held():
+        pass
+    watch = LockWatch(lock)
+    first = watch.current()                    # not watched before: anything may have happened
+    assert watch.current() == first
+    for _ in range(3):
+        with lock.held():
+            assert watch.current() == first    # our own opening and closing is not another program
+    assert watch.current() == first
+    other_program_opens(lock.path)             # iptables opens it read-only
+    with lock.held():
+        second = watch.current()
+    assert second > first and watch.current() == second
+    with lock.held():
+        other_program_opens(lock.path, "r+")   # one that opens it read-write, as we do
+    assert watch.current() > second
+    watch.close()
+
+
+def test_a_removed_lock_file_is_watched_again_and_moves_the_generation(tmp_path):
+    lock = XtablesLock(path=str(tmp_path / "xtables.lock"))
+    with lock.held():
+        pass
+    watch = LockWatch(lock)
+    first = watch.current()
+    os.unlink(lock.path)
+    second = watch.current()
+    assert second > first
+    with lock.held():                          # made again
+        third = watch.current()
+    assert third > second                      # the new file was not watched until now
+    with lock.held():
+        assert watch.current() == third
+    other_program_opens(lock.path)
+    assert watch.current() > third
+    watch.close()
+
+
+def test_the_lock_excludes_another_holder_and_follows_a_replaced_file(tmp_path):
+    import fcntl
+    import pytest
+    from profiler.errors import FirewallError
+    path = str(tmp_path / "xtables.lock")
+    lock = XtablesLock(path=path, timeout=0.05)
+    with lock.held():
+        pass
+    other = os.open(path, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)          # another program holds it
+    with pytest.raises(FirewallError, match="another program holds it"):
+        with lock.held():
+            pass
+    os.close(other)
+    os.unlink(path)                            # replaced: our old descriptor locks nothing
+    other = os.open(path, os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    with pytest.raises(FirewallError):
+        with lock.held():
+            pass
+    fcntl.flock(other, fcntl.LOCK_UN)
+    with lock.held():
+        with pytest.raises(BlockingIOError):   # while we hold it, the new file is locked
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(other)
+    lock.close()
