@@ -21,6 +21,7 @@ before the rules are installed) says whose connection that is. A comment match
 is 288 bytes of a rule's 488, and every commit copies the whole table: without
 it a commit of 10,000 rules costs a quarter of the time.
 """
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -90,10 +91,16 @@ def path(spec, direction):
     else:
         block, port = "R", spec.rport
         field = "sport" if direction == "I" else "dport"
-    top = f"{PREFIX}_{direction}_{spec.interface}"
-    mid = f"{PREFIX}_{direction}{block}x{port >> 12:x}_{spec.interface}"
-    leaf = f"{PREFIX}_{direction}{block}{port >> 8:02x}_{spec.interface}"
-    lo1, lo2 = port >> 12 << 12, port >> 8 << 8
+    return _path(spec.interface, direction, block, field, port >> 8)
+
+
+@functools.lru_cache(maxsize=4096)
+def _path(interface, direction, block, field, high):
+    # Asked for a dozen times per connection; at most 512 answers per interface and direction.
+    top = f"{PREFIX}_{direction}_{interface}"
+    mid = f"{PREFIX}_{direction}{block}x{high >> 4:x}_{interface}"
+    leaf = f"{PREFIX}_{direction}{block}{high:02x}_{interface}"
+    lo1, lo2 = high >> 4 << 12, high << 8
     # top -> mid is a jump: the top chain also holds the other block's hops, which the packet may
     # match. mid -> leaf is a goto: a mid chain's ranges do not overlap.
     return (Hop(top, field, lo1, lo1 + 4095, mid), Hop(mid, field, lo2, lo2 + 255, leaf, goto=True)), leaf

@@ -521,9 +521,11 @@ class Profiler(Attribution, Restart, Requests):
         finally:
             for release in releases:
                 release()
+        records = []
         for conn, _ in removes:
             self._remove_failures.pop(conn.cid, None)
-            self._record(conn, harvested.get(conn.cid), committed=True)
+            records.append(self._record(conn, harvested.get(conn.cid), committed=True, write=False))
+        self._write(records)
         try:
             self._persist(gone_conns=[c.cid for c, _ in removes])
         except Exception:
@@ -531,7 +533,15 @@ class Profiler(Attribution, Restart, Requests):
         if removes:
             self.observe_harvest(time.perf_counter() - started)
 
-    def _record(self, conn, counters, committed):
+    def _write(self, records):
+        if not records:
+            return
+        try:
+            self.sink.write_many(records)
+        except Exception:
+            log.exception("cannot write the records of connections %s", ", ".join(r.cid for r in records))
+
+    def _record(self, conn, counters, committed, write=True):
         """Rule counters are exact when the rules existed before the first packet passed.
         Otherwise conntrack, which counts from the first packet, supplies the count."""
         complete = (conn.rules_before_first_packet and counters is not None and committed
@@ -562,10 +572,9 @@ class Profiler(Attribution, Restart, Requests):
                 job.records.append(rec)
             else:
                 self._new_records.append(rec)
-        try:
-            self.sink.write(rec)
-        except Exception:
-            log.exception("cannot write the record of connection %s", conn.cid)
+        if write:
+            self._write([rec])
+        return rec
 
     def _make_record(self, conn, counters, complete, source, note, reason=None, open_now=False):
         return Record(conn.cid, conn.job, conn.pid, conn.interface, conn.family, conn.local, conn.lport,

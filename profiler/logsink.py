@@ -8,10 +8,9 @@ in the spirit of Zeek's conn.log.
 Diagnostics go to the service's own log, never here.
 """
 import json
-import logging
-import logging.handlers
 import os
 import threading
+import time
 
 
 def _clean(value):
@@ -54,6 +53,58 @@ def format_json(record, internal_networks=()):
     }, sort_keys=False)
 
 
+class _RollingFile:
+    """Lines appended to a file that is rolled over (file.1, file.2, ...) before it would reach
+    max_bytes, as logging.handlers.RotatingFileHandler does, but a batch of lines in one write:
+    through `logging`, each line cost a format, a seek and a flush (a tenth of the profiler
+    thread's time when thousands of connections close a second)."""
+
+    def __init__(self, path, max_bytes, backup_count):
+        self.path, self.max_bytes, self.backup_count = path, max_bytes, backup_count
+        self._stream = None
+        self._size = 0
+
+    def _open(self):
+        self._stream = open(self.path, "ab")
+        self._size = self._stream.tell()
+
+    def write(self, lines):
+        if self._stream is None:
+            self._open()
+        chunk = []
+        for line in lines:
+            data = line.encode("utf-8", "backslashreplace") + b"\n"
+            if 0 < self.max_bytes <= self._size + len(data) and (self._size or chunk):
+                self._stream.write(b"".join(chunk))
+                chunk = []
+                self._roll()
+            chunk.append(data)
+            self._size += len(data)
+        self._stream.write(b"".join(chunk))
+        self._stream.flush()
+
+    def _roll(self):
+        self._stream.close()
+        if self.backup_count > 0:
+            for i in range(self.backup_count - 1, 0, -1):
+                if os.path.exists(f"{self.path}.{i}"):
+                    os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        else:
+            open(self.path, "wb").close()
+        self._open()
+
+    def close(self):
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+def _timestamp(now):
+    """What logging's %(asctime)s shows: local time, milliseconds after a comma."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+
+
 class RollingLogSink:
     def __init__(self, log_dir, max_bytes, backup_count, log_format="tsv", internal_networks=()):
         self.log_dir = log_dir
@@ -62,33 +113,38 @@ class RollingLogSink:
         self.tsv = log_format in ("tsv", "both")
         self.json = log_format in ("json", "both")
         self.internal_networks = internal_networks
-        self._loggers = {}
+        self._files = {}
         self._lock = threading.Lock()
         os.makedirs(log_dir, exist_ok=True)
 
     def path(self, interface, kind="tsv"):
         return os.path.join(self.log_dir, f"{interface}.log" if kind == "tsv" else f"{interface}.json.log")
 
-    def _logger(self, interface, kind):
-        logger = self._loggers.get((interface, kind))
-        if logger is None:
-            logger = logging.Logger(f"netprofiler.connections.{kind}.{interface}")
-            handler = logging.handlers.RotatingFileHandler(
-                self.path(interface, kind), maxBytes=self.max_bytes, backupCount=self.backup_count)
-            handler.setFormatter(logging.Formatter("%(asctime)s\t%(message)s" if kind == "tsv" else "%(message)s"))
-            logger.addHandler(handler)
-            logger.propagate = False
-            self._loggers[(interface, kind)] = logger
-        return logger
+    def _file(self, interface, kind):
+        f = self._files.get((interface, kind))
+        if f is None:
+            f = self._files[(interface, kind)] = _RollingFile(self.path(interface, kind), self.max_bytes,
+                                                              self.backup_count)
+        return f
 
     def write(self, record):
+        self.write_many([record])
+
+    def write_many(self, records):
+        """The records' lines, one write per file."""
+        lines = {}
         with self._lock:
             if self.tsv:
-                logger = self._logger(record.interface, "tsv")
-                for line in format_lines(record):
-                    logger.info(line)
+                stamp = _timestamp(time.time())
+                for record in records:
+                    lines.setdefault((record.interface, "tsv"), []).extend(
+                        f"{stamp}\t{line}" for line in format_lines(record))
             if self.json:
-                self._logger(record.interface, "json").info(format_json(record, self.internal_networks))
+                for record in records:
+                    lines.setdefault((record.interface, "json"), []).append(
+                        format_json(record, self.internal_networks))
+            for (interface, kind), batch in lines.items():
+                self._file(interface, kind).write(batch)
 
     def reconfigure(self, max_bytes, backup_count, log_format, internal_networks):
         with self._lock:
@@ -104,8 +160,6 @@ class RollingLogSink:
 
     def close(self):
         with self._lock:
-            for logger in self._loggers.values():
-                for handler in list(logger.handlers):
-                    handler.close()
-                    logger.removeHandler(handler)
-            self._loggers.clear()
+            for f in self._files.values():
+                f.close()
+            self._files.clear()

@@ -287,14 +287,15 @@ class RawTable:
         add = ctypes.create_string_buffer(_ADD_HEADER + 16 * count)
         struct.pack_into("=32sI", add, 0, self.name.encode(), count)
         base, position, old_at = ctypes.addressof(add) + _ADD_HEADER, 0, ctypes.addressof(old)
+        counts, zero = memoryview(old), bytes(16)
         for c in self.chains:
             n = len(c.rules) + 1 + (c.head is not None)
             if not c.dirty:
                 ctypes.memmove(base + 16 * position, old_at + 16 * c.start, 16 * n)
             else:
-                for i, e in enumerate(c.entries()):
-                    if e.index is not None:
-                        ctypes.memmove(base + 16 * (position + i), old_at + 16 * e.index, 16)
+                part = b"".join(zero if e.index is None else counts[16 * e.index:16 * e.index + 16]
+                                for e in c.entries())
+                ctypes.memmove(base + 16 * position, part, 16 * n)
             c.start, c.dirty, position = position, False, position + n
         ctypes.memmove(base + 16 * position, old_at + 16 * (self.count - 1), 16)    # the trailer
         removed = {e: struct.unpack_from("=QQ", old, 16 * e.index) for e in self._removed}

@@ -141,6 +141,9 @@ class ListSink:
     def write(self, record):
         self.records.append(record)
 
+    def write_many(self, records):
+        self.records.extend(records)
+
     def close(self):
         pass
 
