@@ -1,7 +1,7 @@
 """The profiler's tables: jobs, tracked processes, connections, and records."""
 import ipaddress
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -96,13 +96,18 @@ class Record:
     pid_source: str = "socket"
 
     def to_json(self):
-        d = asdict(self)
+        # Not asdict(): it deep-copies every field, and a record is made into JSON for the state
+        # store and the API, thousands a second.
+        d = {name: getattr(self, name) for name in _RECORD_FIELDS}
         d["family"] = "ipv4" if self.family == 2 else "ipv6"
         return d
 
     @classmethod
     def from_json(cls, d):
         return cls(**{**d, "family": socket.AF_INET if d["family"] == "ipv4" else socket.AF_INET6})
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(Record))
 
 
 def is_internal(address, networks):
