@@ -12,7 +12,8 @@ that hold the per-connection rules:
 A connection is filed under its larger port, the one that varies between
 connections (the ephemeral port): block L when that is the local port (as for
 outgoing connections), block R when it is the remote one (a tracked server's
-clients). A packet walks at most 16 + 16 dispatch rules a block, then a leaf
+clients). A packet walks the top chain's hops, its block's hops up to the one
+that matches (a goto: from the leaf it goes back to the top chain), then a leaf
 of a few dozen connections, instead of every rule.
 
 A connection rule carries no comment: its leaf (direction, interface) and its
