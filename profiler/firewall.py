@@ -676,6 +676,54 @@ class IptablesFirewall:
         self._raw[fam.family] = (raw, generation)
         return raw
 
+    def _intact(self, fam, expected):
+        """Whether our chains, jumps and every expected rule pair are as they should be, read from
+        the kernel through xtblob: no commit when nothing is wrong (a libiptc cycle of a 20,000-rule
+        table, then reading it back for xtblob, took about 0.4 s of the profiler thread)."""
+        with self.lock.held():
+            self._raw.pop(fam.family, None)
+            try:
+                raw = self._raw_table(fam)
+            except _Unreadable:
+                return False
+            tops = {}
+            for iface in self.interfaces:
+                in_chain, out_chain = chain_names(iface)
+                tops[in_chain], tops[out_chain] = "INPUT", "OUTPUT"
+            for c in raw.chains:
+                info = chain_info(c.name)
+                if c.name.startswith(PREFIX + "_") and c.name not in tops and c.name != CT_CHAIN and (
+                        info is None or info[2] not in self.interfaces):
+                    return False        # a chain we no longer use: the repair removes it
+            if any(name not in raw for name in list(tops) + [CT_CHAIN]) or len(raw.rules(CT_CHAIN)) != 1:
+                return False
+            for builtin in ("INPUT", "OUTPUT"):
+                ours = {name for name, b in tops.items() if b == builtin}
+                first = [e.jump[1] if e.jump and e.jump[0] == "chain" else None for e in raw.rules(builtin)[:len(ours)]]
+                if set(first) != ours or sum(j.startswith(PREFIX + "_") for j in raw.jumps(builtin)) != len(ours):
+                    return False
+            jumps = {}
+            for spec in expected.values():
+                for direction in ("I", "O"):
+                    for hop in path(spec, direction)[0]:
+                        if hop.chain not in raw or hop.target not in raw:
+                            return False
+                        if hop.chain not in jumps:
+                            jumps[hop.chain] = set(raw.jumps(hop.chain))
+                        if hop.target not in jumps[hop.chain]:
+                            return False
+            counts = {}
+            template = fam.template
+            for c in raw.chains:
+                if (chain_info(c.name) or ("",))[0] != "leaf":
+                    continue
+                for e in c.rules:
+                    k = template.key_of(e.raw)
+                    cid = self._owner.get((fam.family, c.name, k)) if k is not None else None
+                    if cid is not None:
+                        counts[cid] = counts.get(cid, 0) + 1
+            return all(counts.get(cid, 0) == 2 for cid in expected)
+
     def _apply_raw(self, fam, adds, gone):
         """apply() for one family on the table kept from our last commit: the kernel is asked for
         it again only after another program's change. Removed rules' counters come from the
@@ -761,6 +809,9 @@ class IptablesFirewall:
                 if self._summary(key) == self._committed[key]:
                     continue
             expected = {cid: spec for cid, spec in self._installed.items() if spec.family == family}
+            if family not in self._no_raw and self._intact(fam, expected):
+                self._foreign.discard(key)
+                continue
             with self._cycle(fam):
                 structural = self._ensure_structure(fam)
                 if structural:

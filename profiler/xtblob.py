@@ -10,8 +10,8 @@ hands back the final counters of every entry of the old one; IPT_SO_SET_ADD_COUN
 each kept entry's old count to its new self, as libiptc does. A removed entry's final count is
 exact: the kernel reads it once the old table is out of use.
 
-Entries are kept as the kernel gave them (counters and scratch fields zeroed), except jump
-verdicts, byte offsets into the table, which are recomputed from what they point to: the start
+Entries are kept as the kernel gave them (it clears their counters when it takes a table), except
+jump verdicts, byte offsets into the table, which are recomputed from what they point to: the start
 of a chain or, for a rule without a target, the entry after it.
 """
 import ctypes
@@ -125,15 +125,19 @@ class RawTable:
         lay = self.lay
         starts = {hooks[h]: h for h in range(_NUMHOOKS) if self.valid_hooks & (1 << h)}
         ends = {underflows[h] for h in range(_NUMHOOKS) if self.valid_hooks & (1 << h)}
-        parsed, at = [], 0           # (offset, Entry, target name, verdict, target data)
-        zero = bytes(lay.counters + 16 - lay.comefrom)
-        while at < len(blob):
-            t, next_offset = struct.unpack_from("=HH", blob, at + lay.target_offset)
-            raw = blob[at:at + lay.comefrom] + zero + blob[at + lay.counters + 16:at + next_offset]
-            name = raw[t + 2:t + 31].split(b"\0")[0]
-            verdict = struct.unpack_from("=i", raw, t + _TARGET_HEADER)[0] if name == b"" else None
-            entry = Entry(raw, verdict_at=t + _TARGET_HEADER if name == b"" else None)
-            parsed.append((at, entry, name, verdict, raw[t + _TARGET_HEADER:]))
+        # (offset, Entry, target name, verdict, target data). The counters stay in the bytes: the
+        # kernel clears an entry's counters (and comefrom) when it takes a table.
+        parsed, at, size = [], 0, len(blob)
+        unpack, where = struct.unpack_from, lay.target_offset
+        while at < size:
+            t, next_offset = unpack("=HH", blob, at + where)
+            raw = blob[at:at + next_offset]
+            if raw[t + 2] == 0:          # a standard target: no name
+                parsed.append((at, Entry(raw, verdict_at=t + _TARGET_HEADER), b"",
+                               unpack("=i", raw, t + _TARGET_HEADER)[0], None))
+            else:
+                name = raw[t + 2:t + 31].split(b"\0")[0]
+                parsed.append((at, Entry(raw), name, None, raw[t + _TARGET_HEADER:] if name == b"ERROR" else None))
             at += next_offset
         if len(parsed) != number:
             raise FirewallError(f"the {self.name} table: {len(parsed)} entries read, the kernel said {number}")
