@@ -33,6 +33,9 @@ BACKGROUND_CHECK_STEP = 10.0   # ...a slice of them this often
 # many seconds of work, rather than after the whole backlog.
 HELD_FLUSH_COUNT = 256
 HELD_FLUSH_AFTER = 0.02
+# The garbage collector of a full table ends a connection whose socket is gone only this many
+# seconds after its rules were committed (an accepted one may have no socket until then).
+SOCKETLESS_GRACE = 1.0
 # Every this many VERIFY_INTERVALs, every rule is read; in between, only the tables' summaries.
 FULL_VERIFY_EVERY = 6
 # Harvests (rule removals) alone are committed at most this often, unless this many are waiting.
@@ -401,7 +404,7 @@ class Profiler(Attribution, Restart, Requests):
             log.warning("rule table full (%d rules, RULES_THRESHOLD %d): connection %s:%s -> %s:%s of job %s "
                         "pid %s is untracked", self.firewall.rule_count, self.config.rules_threshold,
                         conn.local, conn.lport, conn.remote, conn.rport, conn.job, conn.pid)
-            del self.conns[conn.key]
+            self.conns.pop(conn.key, None)
             job = self.jobs.get(conn.job)
             if job is not None:
                 job.untracked += 1   # its totals can no longer claim to be complete
@@ -634,11 +637,20 @@ class Profiler(Attribution, Restart, Requests):
         states = sum(1 << n for n, name in TCP_STATES.items() if name in LIVE_STATES)
         live = set()
         for family in (socket.AF_INET, socket.AF_INET6):
-            for info in self.sockets.dump(family, states=states):
+            try:
+                infos = self.sockets.dump(family, states=states)
+            except OSError as exc:
+                log.warning("cannot list the sockets for the garbage collector: %s", exc)
+                return []
+            for info in infos:
                 live.add((family, info.local, info.lport, info.remote, info.rport))
                 if family == socket.AF_INET6 and info.local.startswith("::ffff:"):   # dual-stack socket
                     live.add((socket.AF_INET, info.local[7:], info.lport, info.remote[7:], info.rport))
-        ended = [c for c in self.conns.values() if not c.end_reason and c.key not in live]
+        # Only connections whose rules were committed a while ago: a SYN held on its way in has no
+        # socket yet, nor has an accepted connection under syncookies before its handshake ends.
+        settled = self.clock.time() - SOCKETLESS_GRACE
+        ended = [c for c in self.conns.values() if not c.end_reason and c.rules_installed
+                 and c.cid not in self._pending_add and c.rules_at <= settled and c.key not in live]
         for conn in ended:
             self._end(conn, "closed", now)
         self._gc_socket_check_at, self._gc_socket_check_found = now, bool(ended)

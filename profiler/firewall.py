@@ -40,12 +40,17 @@ import iptc
 
 from .chains import CT_CHAIN, HOLD_IN, HOLD_OUT, PREFIX, Counters, RuleSpec, chain_info, chain_names, path
 from .errors import FirewallError
-from .xtblob import RawTable
+from .xtblob import RawTable, TableChanged, UnknownLayout
 from .xtlock import LOCK_PATH, LockWatch, XtablesLock
 
 __all__ = ["Counters", "RuleSpec", "Leftover", "IptablesFirewall", "XtablesLock", "chain_names"]
 
 log = logging.getLogger("netprofiler")
+
+# The kept filter table is read again at least this often (seconds), even when no other program
+# seems to have used the lock: one that changes the table without taking it, and without
+# changing its size, would otherwise be undone by our commits until the next full verification.
+RAW_MAX_AGE = 10.0
 
 
 @dataclass(frozen=True)
@@ -664,16 +669,18 @@ class IptablesFirewall:
         key = (fam.family, fam.table.name)
         held = self._raw.get(fam.family)
         summary = self._summary(key)
-        if held is not None and held[1] == generation and summary is not None and summary == self._committed.get(key):
+        now = time.monotonic()
+        if (held is not None and held[1] == generation and now - held[2] < RAW_MAX_AGE
+                and summary is not None and summary == self._committed.get(key)):
             return held[0]
         if summary is None or summary != self._committed.get(key, summary):
             self._foreign.add(key)
         raw = RawTable(fam.family, "filter")
         try:
             raw.load()
-        except FirewallError as exc:
+        except UnknownLayout as exc:
             raise _Unreadable(str(exc)) from None
-        self._raw[fam.family] = (raw, generation)
+        self._raw[fam.family] = (raw, generation, now)
         return raw
 
     def _intact(self, fam, expected):
@@ -728,43 +735,58 @@ class IptablesFirewall:
         """apply() for one family on the table kept from our last commit: the kernel is asked for
         it again only after another program's change. Removed rules' counters come from the
         commit itself, final to the packet."""
+        try:
+            return self._apply_raw_once(fam, adds, gone)
+        except TableChanged:
+            log.warning("the %s filter table was changed by a program that does not take the xtables lock; "
+                        "read again", self._fname(fam.family))
+            return self._apply_raw_once(fam, adds, gone)
+
+    def _apply_raw_once(self, fam, adds, gone):
         key, template = (fam.family, fam.table.name), fam.template
         wanted = {s.cid for s in gone}
         with self.lock.held():
-            raw = self._raw_table(fam)
-            doomed = []      # (entry, cid, inbound)
-            for leaf in self._leaves_of(gone):
-                if leaf not in raw:
-                    continue
-                inbound = chain_info(leaf)[1] == "I"
-                mine = []
-                for e in raw.rules(leaf):
-                    k = template.key_of(e.raw)
-                    cid = self._owner.get((fam.family, leaf, k)) if k is not None else None
-                    if cid in wanted:
-                        mine.append(e)
-                        doomed.append((e, cid, inbound))
-                if mine:
-                    raw.remove(leaf, mine)
-            jumps = {}
-            for spec in adds:
-                for direction, (leaf, four) in zip(("I", "O"), spec.tuples()):
-                    for hop in path(spec, direction)[0]:
-                        if hop.chain not in raw:
-                            raise FirewallError(f"chain {hop.chain} is missing")
-                        if hop.target not in raw:
-                            raw.add_chain(hop.target)
-                        known = jumps.get(hop.chain)
-                        if known is None:
-                            known = jumps[hop.chain] = set(raw.jumps(hop.chain))
-                        if hop.target not in known:
-                            raw.add_jump(hop.chain, fam.dispatch_matches(hop), hop.target, hop.goto)
-                            known.add(hop.target)
-                    raw.insert(leaf, template.matches(*four))     # newest first
             try:
+                raw = self._raw_table(fam)
+                for spec in adds:
+                    for direction in ("I", "O"):
+                        top = path(spec, direction)[0][0].chain
+                        if top not in raw:
+                            raise FirewallError(f"chain {top} is missing")
+                doomed = []      # (entry, cid, inbound)
+                for leaf in self._leaves_of(gone):
+                    if leaf not in raw:
+                        continue
+                    inbound = chain_info(leaf)[1] == "I"
+                    mine = []
+                    for e in raw.rules(leaf):
+                        k = template.key_of(e.raw)
+                        cid = self._owner.get((fam.family, leaf, k)) if k is not None else None
+                        if cid in wanted:
+                            mine.append(e)
+                            doomed.append((e, cid, inbound))
+                    if mine:
+                        raw.remove(leaf, mine)
+                jumps = {}
+                for spec in adds:
+                    for direction, (leaf, four) in zip(("I", "O"), spec.tuples()):
+                        for hop in path(spec, direction)[0]:
+                            if hop.target not in raw:
+                                raw.add_chain(hop.target)
+                            known = jumps.get(hop.chain)
+                            if known is None:
+                                known = jumps[hop.chain] = set(raw.jumps(hop.chain))
+                            if hop.target not in known:
+                                raw.add_jump(hop.chain, fam.dispatch_matches(hop), hop.target, hop.goto)
+                                known.add(hop.target)
+                        raw.insert(leaf, template.matches(*four))     # newest first
                 final = raw.commit()
-            except FirewallError:
-                self._raw.pop(fam.family, None)    # in whatever state the kernel has: read it again
+            except UnknownLayout as exc:
+                self._raw.pop(fam.family, None)
+                raise _Unreadable(str(exc)) from None
+            except BaseException:
+                # Changed in part, or in whatever state the kernel has: read it again next time.
+                self._raw.pop(fam.family, None)
                 raise
             self._committed[key] = self._summary(key)
         found = {}

@@ -71,10 +71,14 @@ class _RollingFile:
     def write(self, lines):
         if self._stream is None:
             self._open()
+        else:
+            self._size = os.fstat(self._stream.fileno()).st_size   # truncated by someone (copytruncate)?
         chunk = []
+        # As RotatingFileHandler: no rollover when either limit is zero.
+        rolls = self.max_bytes > 0 and self.backup_count > 0
         for line in lines:
             data = line.encode("utf-8", "backslashreplace") + b"\n"
-            if 0 < self.max_bytes <= self._size + len(data) and (self._size or chunk):
+            if rolls and self._size + len(data) >= self.max_bytes and (self._size or chunk):
                 self._stream.write(b"".join(chunk))
                 chunk = []
                 self._roll()
@@ -85,13 +89,14 @@ class _RollingFile:
 
     def _roll(self):
         self._stream.close()
-        if self.backup_count > 0:
-            for i in range(self.backup_count - 1, 0, -1):
-                if os.path.exists(f"{self.path}.{i}"):
-                    os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+        self._stream = None
+        for i in range(self.backup_count - 1, 0, -1):
+            if os.path.exists(f"{self.path}.{i}"):
+                os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+        try:
             os.replace(self.path, f"{self.path}.1")
-        else:
-            open(self.path, "wb").close()
+        except FileNotFoundError:
+            pass        # moved away already (logrotate before its SIGUSR1): start a new one anyway
         self._open()
 
     def close(self):

@@ -15,11 +15,15 @@ jump verdicts, byte offsets into the table, which are recomputed from what they 
 of a chain or, for a rule without a target, the entry after it.
 """
 import ctypes
+import errno
+import logging
 import os
 import socket
 import struct
 
 from .errors import FirewallError
+
+log = logging.getLogger("netprofiler")
 
 _SO_SET_REPLACE, _SO_SET_ADD_COUNTERS = 64, 65    # IPT_/IP6T_SO_*: the same numbers
 _SO_GET_INFO, _SO_GET_ENTRIES = 64, 65
@@ -35,6 +39,14 @@ _STANDARD_SIZE = 40        # xt_standard_target: the header, int verdict, paddin
 _ERROR_SIZE = 64           # xt_error_target: the header, char errorname[32]
 RETURN = -5                # XT_RETURN (-NF_REPEAT - 1)
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class UnknownLayout(FirewallError):
+    """A table this module cannot read, or that the kernel refuses as we wrote it: libiptc's turn."""
+
+
+class TableChanged(FirewallError):
+    """The kernel's table is no longer the one we kept (someone changed it without the lock)."""
 
 
 class _Layout:
@@ -118,8 +130,11 @@ class RawTable:
         except OSError as exc:
             raise FirewallError(f"cannot read the {self.name} table: {exc.strerror}") from None
         self.valid_hooks, self._removed = valid, []
-        self._parse(buf.raw[_GET_HEADER:_GET_HEADER + size], rest[:_NUMHOOKS], rest[_NUMHOOKS:2 * _NUMHOOKS],
-                    rest[-2])
+        try:
+            self._parse(buf.raw[_GET_HEADER:_GET_HEADER + size], rest[:_NUMHOOKS], rest[_NUMHOOKS:2 * _NUMHOOKS],
+                        rest[-2])
+        except (IndexError, KeyError, UnicodeDecodeError, struct.error) as exc:
+            raise UnknownLayout(f"the {self.name} table: an entry we cannot read ({exc!r})") from None
 
     def _parse(self, blob, hooks, underflows, number):
         lay = self.lay
@@ -131,6 +146,8 @@ class RawTable:
         unpack, where = struct.unpack_from, lay.target_offset
         while at < size:
             t, next_offset = unpack("=HH", blob, at + where)
+            if t < lay.header or next_offset < t + _TARGET_HEADER:
+                raise UnknownLayout(f"the {self.name} table: an entry of {next_offset} bytes at offset {at}")
             raw = blob[at:at + next_offset]
             if raw[t + 2] == 0:          # a standard target: no name
                 parsed.append((at, Entry(raw, verdict_at=t + _TARGET_HEADER), b"",
@@ -140,7 +157,7 @@ class RawTable:
                 parsed.append((at, Entry(raw), name, None, raw[t + _TARGET_HEADER:] if name == b"ERROR" else None))
             at += next_offset
         if len(parsed) != number:
-            raise FirewallError(f"the {self.name} table: {len(parsed)} entries read, the kernel said {number}")
+            raise UnknownLayout(f"the {self.name} table: {len(parsed)} entries read, the kernel said {number}")
         by_offset = {at: entry for at, entry, *_ in parsed}
         chains, chain, chain_at, index = [], None, {}, 0
         for i, (at, entry, name, verdict, data) in enumerate(parsed):
@@ -158,7 +175,7 @@ class RawTable:
                 chain_at[parsed[i + 1][0]] = chain.name
                 continue
             if chain is None:
-                raise FirewallError(f"the {self.name} table: an entry outside every chain at offset {at}")
+                raise UnknownLayout(f"the {self.name} table: an entry outside every chain at offset {at}")
             if verdict is not None and verdict >= 0:
                 entry.jump = verdict
                 chain.special = True
@@ -176,9 +193,9 @@ class RawTable:
                 elif entry.jump in by_offset:
                     entry.jump = ("entry", by_offset[entry.jump])   # a rule without a target: the next
                 else:
-                    raise FirewallError(f"the {self.name} table: a jump to offset {entry.jump}, where no entry is")
+                    raise UnknownLayout(f"the {self.name} table: a jump to offset {entry.jump}, where no entry is")
         if self.trailer is None or any(c.tail is None for c in chains):
-            raise FirewallError(f"the {self.name} table: cannot find where its chains end")
+            raise UnknownLayout(f"the {self.name} table: cannot find where its chains end")
         self.chains, self.count = chains, number
         self.by_name = {c.name: c for c in chains}
 
@@ -212,8 +229,8 @@ class RawTable:
         c = self.by_name[chain]
         self._touch(c)
         doomed = {id(e) for e in entries}
+        self._removed.extend(e for e in c.rules if id(e) in doomed and e.index is not None)
         c.rules = [e for e in c.rules if id(e) not in doomed]
-        self._removed.extend(e for e in entries if e.index is not None)
 
     def add_chain(self, name):
         """An empty user chain, in its place by name (as libiptc keeps them)."""
@@ -286,6 +303,10 @@ class RawTable:
             _sockopt(self.family, _libc.setsockopt, _SO_SET_REPLACE,
                      (ctypes.c_char * len(replace)).from_buffer(replace), len(replace))
         except OSError as exc:
+            if exc.errno == errno.EAGAIN:      # its number of entries is not the one we kept
+                raise TableChanged(f"the {self.name} table changed under us") from None
+            if exc.errno in (errno.EINVAL, errno.ELOOP):
+                raise UnknownLayout(f"the kernel refused the {self.name} table as we made it: {exc.strerror}") from None
             raise FirewallError(f"cannot replace the {self.name} table: {exc.strerror}") from None
         # What each kept entry had counted goes to its new place; new entries start from zero.
         add = ctypes.create_string_buffer(_ADD_HEADER + 16 * count)
@@ -307,9 +328,10 @@ class RawTable:
         try:
             _sockopt(self.family, _libc.setsockopt, _SO_SET_ADD_COUNTERS, add, _ADD_HEADER + 16 * count)
         except OSError as exc:
-            # The new table is in place; only what the kept rules had counted before is lost.
-            raise FirewallError(f"the {self.name} table was replaced, but its counters could not be carried "
-                                f"over: {exc.strerror}") from None
+            # The new table is in place and the removed rules' counts are read: the commit stands.
+            # What the kept rules had counted before it is lost; say so.
+            log.error("the %s table was replaced, but the counts of the rules kept in it could not be carried "
+                      "over (%s): they count again from zero", self.name, exc.strerror)
         return removed
 
     def _special_bytes(self, chain, chain_at):
@@ -329,7 +351,7 @@ class RawTable:
             elif id(target) in where:
                 verdict = where[id(target)]
             else:
-                raise FirewallError(f"the {self.name} table: a rule of {chain.name} goes on to an entry of "
+                raise UnknownLayout(f"the {self.name} table: a rule of {chain.name} goes on to an entry of "
                                     "another chain")
             raw = bytearray(e.raw)
             struct.pack_into("=i", raw, e.verdict_at, verdict)

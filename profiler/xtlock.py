@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 import time
 from contextlib import contextmanager
 
@@ -33,9 +34,30 @@ class XtablesLock:
         self.path = path
         self.timeout = timeout
         self._fd = None
+        # flock() excludes other open files, not other threads sharing ours: they take turns here,
+        # and a nested held() neither takes nor releases the file lock again.
+        self._threads = threading.RLock()
+        self._depth = 0
 
     @contextmanager
     def held(self):
+        with self._threads:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self._take()
+            self._depth = 1
+            try:
+                yield
+            finally:
+                self._depth = 0
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _take(self):
         deadline = time.monotonic() + self.timeout
         while True:
             if self._fd is None:
@@ -57,10 +79,6 @@ class XtablesLock:
                 pass
             os.close(self._fd)
             self._fd = None
-        try:
-            yield
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self):
         if self._fd is not None:
@@ -108,6 +126,8 @@ class LockWatch:
                 wd, mask, _, length = _EVENT.unpack_from(data, at)
                 at += _EVENT.size + length
                 if wd == self._wd and mask & (_IN_ATTRIB | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED):
+                    if not mask & _IN_IGNORED:
+                        _libc.inotify_rm_watch(self._fd, wd)
                     self._wd = None     # removed or replaced, perhaps: watch what is at the path
         if moved:
             self.generation += 1

@@ -116,6 +116,33 @@ def foreign_changes_between_our_commits():
     return out
 
 
+def failure_in_the_middle_of_a_change():
+    """A change fails halfway through (after a removal, before the commit): nothing of it stays
+    behind in the table we keep, and the retry reads and removes the rules as if it were the first."""
+    fw = IptablesFirewall([IFACE])
+    fw.setup()
+    old, new = spec("old", 40001), spec("new", 45001)      # the new one needs chains of its own
+    fw.apply(add=[old])
+    set_counters(old, "I", 2, 2000)
+    set_counters(old, "O", 3, 3000)
+    fam = fw._fam(socket.AF_INET)
+    fw.apply(add=[spec("warm", 40002)], remove=[])          # the table kept as it is now
+    fam.dispatch_matches = lambda hop: (_ for _ in ()).throw(RuntimeError("fails halfway"))
+    try:
+        fw.apply(add=[new], remove=[old])
+        failed = False
+    except RuntimeError:
+        failed = True
+    del fam.dispatch_matches
+    harvested = fw.apply(add=[new], remove=[old])
+    out = {"failed": failed, "installed": sorted(fw.installed),
+           "harvested": {cid: [c.in_packets, c.in_bytes, c.out_packets, c.out_bytes] for cid, c in harvested.items()},
+           "rules": sorted(line.split(" -s ")[1] for line in save() if line.startswith("[") and " -s " in line),
+           "fixes": fw.verify(full=True)}
+    fw.teardown()
+    return out
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.ERROR)
     result = globals()[sys.argv[1]]()

@@ -98,3 +98,19 @@ def test_json_log(tmp_path):
     assert obj["in_bytes"] == 300 and obj["out_bytes"] == 400 and obj["duration"] == 1.5
     assert obj["internal"] is True and obj["complete"] is False and obj["end"] == "EndProfile"
     assert format_json(_record()) != format_json(_record(cid="b.2"))
+
+
+def test_log_rolls_on_after_its_file_was_moved_away_and_never_truncates_without_backups(tmp_path):
+    sink = RollingLogSink(str(tmp_path), max_bytes=300, backup_count=2)
+    sink.write(_record())
+    os.rename(tmp_path / "eth0.log", tmp_path / "moved")      # logrotate, before its SIGUSR1
+    for _ in range(4):
+        sink.write(_record())                                 # rolls over a file that is gone
+    sink.close()
+    assert os.path.exists(tmp_path / "eth0.log") and os.path.getsize(tmp_path / "eth0.log") > 0
+    keep = RollingLogSink(str(tmp_path / "keep"), max_bytes=300, backup_count=0)
+    for _ in range(6):
+        keep.write(_record())
+    keep.close()
+    assert len(open(tmp_path / "keep" / "eth0.log").read().splitlines()) == 12
+    assert not os.path.exists(tmp_path / "keep" / "eth0.log.1")

@@ -58,3 +58,13 @@ def test_what_another_program_does_between_our_commits_is_kept(netpair):
     assert out["fixes"] == [[], []]
     assert not any("NETPROF" in line for line in out["teardown"])
     assert any("--dport 55" in line for line in out["teardown"]) and ":FORWARD DROP [0:0]" in out["teardown"]
+
+
+def test_a_change_that_fails_halfway_leaves_nothing_behind(netpair):
+    out = scenario(netpair.a, "failure_in_the_middle_of_a_change")
+    assert out["failed"] is True
+    assert out["harvested"] == {"old": [2, 2000, 3, 3000]}
+    assert out["installed"] == ["new", "warm"]
+    ports = sorted(int(rule.split("--sport ")[1].split()[0]) for rule in out["rules"])
+    assert ports == [443, 443, 40002, 45001]      # inbound rules by their sport, outbound by theirs
+    assert out["fixes"] == [[], []]

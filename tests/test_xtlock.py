@@ -77,3 +77,35 @@ def test_the_lock_excludes_another_holder_and_follows_a_replaced_file(tmp_path):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(other)
     lock.close()
+
+
+def test_threads_take_turns_and_a_nested_hold_keeps_the_file_locked(tmp_path):
+    import fcntl
+    import threading
+    import time
+    import pytest
+    lock = XtablesLock(path=str(tmp_path / "xtables.lock"))
+    inside, overlap = [], []
+
+    def work():
+        with lock.held():
+            overlap.append(len(inside))
+            inside.append(1)
+            time.sleep(0.01)
+            inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlap == [0, 0, 0, 0]
+    other = os.open(lock.path, os.O_RDONLY)
+    with lock.held():
+        with lock.held():
+            pass
+        with pytest.raises(BlockingIOError):   # the inner one did not release the file lock
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(other)
+    lock.close()
