@@ -33,8 +33,8 @@ BACKGROUND_CHECK_STEP = 10.0   # ...a slice of them this often
 # many seconds of work, rather than after the whole backlog.
 HELD_FLUSH_COUNT = 256
 HELD_FLUSH_AFTER = 0.02
-# The garbage collector of a full table ends a connection whose socket is gone only this many
-# seconds after its rules were committed (an accepted one may have no socket until then).
+# The garbage collector of a full table ends an accepted connection whose socket is gone only this
+# many seconds after its rules were committed (it may have no socket until then).
 SOCKETLESS_GRACE = 1.0
 # Every this many VERIFY_INTERVALs, every rule is read; in between, only the tables' summaries.
 FULL_VERIFY_EVERY = 6
@@ -646,11 +646,13 @@ class Profiler(Attribution, Restart, Requests):
                 live.add((family, info.local, info.lport, info.remote, info.rport))
                 if family == socket.AF_INET6 and info.local.startswith("::ffff:"):   # dual-stack socket
                     live.add((socket.AF_INET, info.local[7:], info.lport, info.remote[7:], info.rport))
-        # Only connections whose rules were committed a while ago: a SYN held on its way in has no
-        # socket yet, nor has an accepted connection under syncookies before its handshake ends.
+        # Only connections whose rules are committed. An outgoing one has had its socket since its
+        # connect(); an accepted one may have none for a while (its SYN held on the way in, or
+        # syncookies until the handshake ends): it waits SOCKETLESS_GRACE after its rules.
         settled = self.clock.time() - SOCKETLESS_GRACE
         ended = [c for c in self.conns.values() if not c.end_reason and c.rules_installed
-                 and c.cid not in self._pending_add and c.rules_at <= settled and c.key not in live]
+                 and c.cid not in self._pending_add and (c.outgoing or c.rules_at <= settled)
+                 and c.key not in live]
         for conn in ended:
             self._end(conn, "closed", now)
         self._gc_socket_check_at, self._gc_socket_check_found = now, bool(ended)

@@ -239,28 +239,34 @@ def test_gc_reclaims_ended_connections_and_reports_untracked_when_full(env, capl
 def test_gc_of_a_full_table_ends_connections_whose_socket_is_gone_before_their_fins_are_seen(env):
     prof, fw, procs, socks, sink, clock = env
     prof.config = Config(interfaces=("eth9",), rules_threshold=4, close_linger=100.0, sweep_interval=0.5)
-    register(prof, procs, inodes={1, 2, 3, 4, 5})
+    register(prof, procs, inodes={1, 2, 3, 4, 5, 55})
+    socks.listen(L, 9100, inode=55)
+    prof.on_packet(ev(R, 40000, L, 9100, SYN))     # accepted: no socket of its own yet
+    prof.flush()
     open_conn(prof, socks, 5001, 1)
-    open_conn(prof, socks, 5002, 2)
     socks.close(L, 5001, R, 80)       # closed; its FINs are still in the capture's queue
-    open_conn(prof, socks, 5003, 3)   # within a second of 5001's rules: it may not have its socket yet
-    assert sink.records == [] and prof.stats["untracked_full"] == 1
-    clock.advance(1.0)
-    open_conn(prof, socks, 5003, 3)
+    open_conn(prof, socks, 5002, 2)
     assert [(r.lport, r.reason) for r in sink.records] == [(5001, "closed")]
-    assert prof.stats["untracked_full"] == 1 and fw.rule_count == 4
+    socks.close(L, 5002, R, 80)
+    clock.advance(1.0)                # the accepted one is past its grace, and has no socket
+    open_conn(prof, socks, 5003, 3)
+    assert sorted((r.lport, r.reason) for r in sink.records) == [(5001, "closed"), (5002, "closed"), (9100, "closed")]
+    assert fw.rule_count == 2
+    open_conn(prof, socks, 5002, 2)
+    sink.records.clear()
+    assert prof.stats["untracked_full"] == 0 and fw.rule_count == 4
     clock.advance(1.0)
     open_conn(prof, socks, 5004, 4)   # every socket live: untracked, and no socket dump for a while
-    assert prof.stats["untracked_full"] == 2
+    assert prof.stats["untracked_full"] == 1
     socks.close(L, 5002, R, 80)
     open_conn(prof, socks, 5005, 5)   # within the sweep interval of a dump that found nothing
-    assert prof.stats["untracked_full"] == 3
+    assert prof.stats["untracked_full"] == 2
     clock.advance(0.5)
     socks.connect(L, 5006, R, 80, inode=5)
     prof.on_packet(ev(L, 5006, R, 80, SYN))
     prof.flush()
-    assert [r.lport for r in sink.records] == [5001, 5002] and prof.stats["untracked_full"] == 3
-    assert all(c.lport in (5003, 5006) for c in prof.conns.values()) and fw.rule_count == 4
+    assert [r.lport for r in sink.records] == [5002] and prof.stats["untracked_full"] == 2
+    assert sorted(c.lport for c in prof.conns.values()) == [5003, 5006] and fw.rule_count == 4
 
 
 def test_identity_checks(env):
