@@ -18,7 +18,7 @@ commands do: python-iptables does not take the lock, and two uncoordinated
 writers silently drop each other's rules. Many changes are batched into one
 commit because each commit rewrites the table.
 
-Connection rules come and go through xtblob.py: the filter table is kept as
+Connection rules come and go through xtblob.py (rawpath.py): the filter table is kept as
 our last commit left it and committed without libiptc, so a change does not
 first read the whole table back (half the cost of a cycle at 10,000 rules).
 It is read again whenever another program may have changed it: it used the
@@ -26,8 +26,6 @@ lock (xtlock.LockWatch) or the kernel's summary of the table differs. Setup,
 verification, repairs and teardown, which are rare, go through python-iptables.
 """
 import ctypes
-import errno
-import fcntl
 import logging
 import os
 import socket
@@ -40,17 +38,12 @@ import iptc
 
 from .chains import CT_CHAIN, HOLD_IN, HOLD_OUT, PREFIX, Counters, RuleSpec, chain_info, chain_names, path
 from .errors import FirewallError
-from .xtblob import RawTable, TableChanged, UnknownLayout
-from .xtlock import LOCK_PATH, LockWatch, XtablesLock
+from .rawpath import RawPath, _add_count, _Unreadable
+from .xtlock import XtablesLock
 
 __all__ = ["Counters", "RuleSpec", "Leftover", "IptablesFirewall", "XtablesLock", "chain_names"]
 
 log = logging.getLogger("netprofiler")
-
-# The kept filter table is read again at least this often (seconds), even when no other program
-# seems to have used the lock: one that changes the table without taking it, and without
-# changing its size, would otherwise be undone by our commits until the next full verification.
-RAW_MAX_AGE = 10.0
 
 
 @dataclass(frozen=True)
@@ -156,10 +149,6 @@ def table_info(family, name):
             err = ctypes.get_errno()
             raise FirewallError(f"cannot read the summary of table {name}: {os.strerror(err)}")
     return buf.raw[32:size.value]
-
-
-class _Unreadable(Exception):
-    """xtblob cannot read a table (a layout it does not know): libiptc is used instead."""
 
 
 class _ChainSet:
@@ -273,7 +262,7 @@ class _Family:
         return r
 
 
-class IptablesFirewall:
+class IptablesFirewall(RawPath):
     def __init__(self, interfaces, lock=None, queue_num=None):
         self.interfaces = tuple(interfaces)
         self.lock = lock or XtablesLock()
@@ -596,14 +585,7 @@ class IptablesFirewall:
                 cid = owner.get((fam.family, name, key)) if key is not None else None
                 if cid is None or (wanted is not None and cid not in wanted):
                     continue
-                # Summed: should a connection have two rules in one direction (a repair or a restart
-                # put one back beside a survivor), a packet RETURNs from the first it matches, so
-                # each counted byte is in exactly one of them.
-                c = found.get(cid, Counters(in_rules=0, out_rules=0))
-                found[cid] = (Counters(c.in_packets + packets, c.in_bytes + nbytes, c.out_packets,
-                                       c.out_bytes, c.in_rules + 1, c.out_rules) if inbound
-                              else Counters(c.in_packets, c.in_bytes, c.out_packets + packets,
-                                            c.out_bytes + nbytes, c.in_rules, c.out_rules + 1))
+                _add_count(found, cid, inbound, packets, nbytes)
                 doomed.append(index)
             if delete:
                 for index in reversed(doomed):   # from the end, so that earlier numbers stay valid
@@ -659,145 +641,6 @@ class IptablesFirewall:
             for spec in adds:
                 self._own(spec)
         return harvested
-
-    def _raw_table(self, fam):
-        """Under the lock: the filter table, read again only if another program may have changed it
-        since our last commit (it closed the lock file, or the kernel's summary differs)."""
-        if self._watch is None:
-            self._watch = LockWatch(self.lock)
-        generation = self._watch.current()
-        key = (fam.family, fam.table.name)
-        held = self._raw.get(fam.family)
-        summary = self._summary(key)
-        now = time.monotonic()
-        if (held is not None and held[1] == generation and now - held[2] < RAW_MAX_AGE
-                and summary is not None and summary == self._committed.get(key)):
-            return held[0]
-        if summary is None or summary != self._committed.get(key, summary):
-            self._foreign.add(key)
-        raw = RawTable(fam.family, "filter")
-        try:
-            raw.load()
-        except UnknownLayout as exc:
-            raise _Unreadable(str(exc)) from None
-        self._raw[fam.family] = (raw, generation, now)
-        return raw
-
-    def _intact(self, fam, expected):
-        """Whether our chains, jumps and every expected rule pair are as they should be, read from
-        the kernel through xtblob: no commit when nothing is wrong (a libiptc cycle of a 20,000-rule
-        table, then reading it back for xtblob, took about 0.4 s of the profiler thread)."""
-        with self.lock.held():
-            self._raw.pop(fam.family, None)
-            try:
-                raw = self._raw_table(fam)
-            except _Unreadable:
-                return False
-            tops = {}
-            for iface in self.interfaces:
-                in_chain, out_chain = chain_names(iface)
-                tops[in_chain], tops[out_chain] = "INPUT", "OUTPUT"
-            for c in raw.chains:
-                info = chain_info(c.name)
-                if c.name.startswith(PREFIX + "_") and c.name not in tops and c.name != CT_CHAIN and (
-                        info is None or info[2] not in self.interfaces):
-                    return False        # a chain we no longer use: the repair removes it
-            if any(name not in raw for name in list(tops) + [CT_CHAIN]) or len(raw.rules(CT_CHAIN)) != 1:
-                return False
-            for builtin in ("INPUT", "OUTPUT"):
-                ours = {name for name, b in tops.items() if b == builtin}
-                first = [e.jump[1] if e.jump and e.jump[0] == "chain" else None for e in raw.rules(builtin)[:len(ours)]]
-                if set(first) != ours or sum(j.startswith(PREFIX + "_") for j in raw.jumps(builtin)) != len(ours):
-                    return False
-            jumps = {}
-            for spec in expected.values():
-                for direction in ("I", "O"):
-                    for hop in path(spec, direction)[0]:
-                        if hop.chain not in raw or hop.target not in raw:
-                            return False
-                        if hop.chain not in jumps:
-                            jumps[hop.chain] = set(raw.jumps(hop.chain))
-                        if hop.target not in jumps[hop.chain]:
-                            return False
-            counts = {}
-            template = fam.template
-            for c in raw.chains:
-                if (chain_info(c.name) or ("",))[0] != "leaf":
-                    continue
-                for e in c.rules:
-                    k = template.key_of(e.raw)
-                    cid = self._owner.get((fam.family, c.name, k)) if k is not None else None
-                    if cid is not None:
-                        counts[cid] = counts.get(cid, 0) + 1
-            return all(counts.get(cid, 0) == 2 for cid in expected)
-
-    def _apply_raw(self, fam, adds, gone):
-        """apply() for one family on the table kept from our last commit: the kernel is asked for
-        it again only after another program's change. Removed rules' counters come from the
-        commit itself, final to the packet."""
-        try:
-            return self._apply_raw_once(fam, adds, gone)
-        except TableChanged:
-            log.warning("the %s filter table was changed by a program that does not take the xtables lock; "
-                        "read again", self._fname(fam.family))
-            return self._apply_raw_once(fam, adds, gone)
-
-    def _apply_raw_once(self, fam, adds, gone):
-        key, template = (fam.family, fam.table.name), fam.template
-        wanted = {s.cid for s in gone}
-        with self.lock.held():
-            try:
-                raw = self._raw_table(fam)
-                for spec in adds:
-                    for direction in ("I", "O"):
-                        top = path(spec, direction)[0][0].chain
-                        if top not in raw:
-                            raise FirewallError(f"chain {top} is missing")
-                doomed = []      # (entry, cid, inbound)
-                for leaf in self._leaves_of(gone):
-                    if leaf not in raw:
-                        continue
-                    inbound = chain_info(leaf)[1] == "I"
-                    mine = []
-                    for e in raw.rules(leaf):
-                        k = template.key_of(e.raw)
-                        cid = self._owner.get((fam.family, leaf, k)) if k is not None else None
-                        if cid in wanted:
-                            mine.append(e)
-                            doomed.append((e, cid, inbound))
-                    if mine:
-                        raw.remove(leaf, mine)
-                jumps = {}
-                for spec in adds:
-                    for direction, (leaf, four) in zip(("I", "O"), spec.tuples()):
-                        for hop in path(spec, direction)[0]:
-                            if hop.target not in raw:
-                                raw.add_chain(hop.target)
-                            known = jumps.get(hop.chain)
-                            if known is None:
-                                known = jumps[hop.chain] = set(raw.jumps(hop.chain))
-                            if hop.target not in known:
-                                raw.add_jump(hop.chain, fam.dispatch_matches(hop), hop.target, hop.goto)
-                                known.add(hop.target)
-                        raw.insert(leaf, template.matches(*four))     # newest first
-                final = raw.commit()
-            except UnknownLayout as exc:
-                self._raw.pop(fam.family, None)
-                raise _Unreadable(str(exc)) from None
-            except BaseException:
-                # Changed in part, or in whatever state the kernel has: read it again next time.
-                self._raw.pop(fam.family, None)
-                raise
-            self._committed[key] = self._summary(key)
-        found = {}
-        for e, cid, inbound in doomed:
-            packets, nbytes = final[e]
-            c = found.get(cid, Counters(in_rules=0, out_rules=0))
-            found[cid] = (Counters(c.in_packets + packets, c.in_bytes + nbytes, c.out_packets,
-                                   c.out_bytes, c.in_rules + 1, c.out_rules) if inbound
-                          else Counters(c.in_packets, c.in_bytes, c.out_packets + packets,
-                                        c.out_bytes + nbytes, c.in_rules, c.out_rules + 1))
-        return found
 
     def read(self, specs):
         """Live counters of installed pairs, without changing anything."""
