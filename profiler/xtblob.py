@@ -75,15 +75,18 @@ class Entry:
 
 
 class Chain:
-    __slots__ = ("name", "hook", "head", "rules", "tail", "start", "dirty", "special", "blob")
+    __slots__ = ("name", "hook", "head", "rules", "tail", "start", "dirty", "special", "blob", "n", "head_len",
+                 "patches", "at")
 
     def __init__(self, name, hook, head):
         self.name, self.hook, self.head, self.tail = name, hook, head, None
         self.rules = []
         self.start = None    # index of its first entry (the head of a user chain) in the kernel's table
         self.dirty = False   # changed since the last commit: its entries carry their old index
-        self.special = False  # holds jumps: its bytes are remade at each commit
-        self.blob = None     # its bytes, kept while neither it nor its jumps change
+        self.special = False  # holds jumps: their verdicts are set at each commit
+        self.blob = None     # its bytes (jumps' verdicts not set), kept while it does not change
+        self.n = self.head_len = self.at = 0
+        self.patches = ()
 
     def entries(self):
         return ([self.head] if self.head is not None else []) + self.rules + [self.tail]
@@ -275,30 +278,33 @@ class RawTable:
     def commit(self):
         """Replace the kernel's table by ours. Returns {Entry: (packets, bytes)}: the final counters
         of the rules removed since the last load or commit."""
-        chain_at, at = {}, 0
+        chain_at, at, count = {}, 0, 1       # the trailer counts
         for c in self.chains:
-            if c.blob is None and not c.special:
-                c.blob = b"".join(e.raw for e in c.entries())
-            chain_at[c.name] = at + (len(c.head.raw) if c.head is not None else 0)
-            at += len(c.blob) if c.blob is not None else sum(len(e.raw) for e in c.entries())
+            if c.blob is None:
+                self._build(c)
+            c.at = at
+            chain_at[c.name] = at + c.head_len
+            at += len(c.blob)
+            count += c.n
         size = at + len(self.trailer.raw)
-        count = sum(len(c.rules) + 1 + (c.head is not None) for c in self.chains) + 1
         hooks, underflows = [0] * _NUMHOOKS, [0] * _NUMHOOKS
         for c in self.chains:
             if c.hook is not None:
-                hooks[c.hook] = chain_at[c.name]
-                underflows[c.hook] = chain_at[c.name] + sum(len(e.raw) for e in c.rules)
+                hooks[c.hook] = c.at
+                underflows[c.hook] = c.at + len(c.blob) - len(c.tail.raw)
         old = ctypes.create_string_buffer(16 * self.count)
-        # One buffer, each chain's bytes copied into it once: at 10,000 rules it is 2 MB.
+        # One buffer, each chain's bytes copied into it once: at 10,000 rules it is 2 MB. The
+        # verdicts of jumps point at where their targets are now: patched in place.
         replace = bytearray(_REPLACE_HEADER + size)
         struct.pack_into(f"=32s{3 + 2 * _NUMHOOKS + 1}IQ", replace, 0, self.name.encode(), self.valid_hooks, count,
                          size, *hooks, *underflows, self.count, ctypes.addressof(old))
-        at = _REPLACE_HEADER
+        pack = struct.pack_into
         for c in self.chains:
-            part = self._special_bytes(c, chain_at) if c.special else c.blob
-            replace[at:at + len(part)] = part
-            at += len(part)
-        replace[at:] = self.trailer.raw
+            at = _REPLACE_HEADER + c.at
+            replace[at:at + len(c.blob)] = c.blob
+            for rel, target, inside in c.patches:
+                pack("=i", replace, at + rel, c.at + target if inside else chain_at[target])
+        replace[_REPLACE_HEADER + size - len(self.trailer.raw):] = self.trailer.raw
         try:
             _sockopt(self.family, _libc.setsockopt, _SO_SET_REPLACE,
                      (ctypes.c_char * len(replace)).from_buffer(replace), len(replace))
@@ -313,15 +319,23 @@ class RawTable:
         struct.pack_into("=32sI", add, 0, self.name.encode(), count)
         base, position, old_at = ctypes.addressof(add) + _ADD_HEADER, 0, ctypes.addressof(old)
         counts, zero = memoryview(old), bytes(16)
+        run_new = run_old = run_n = 0        # chains left as they were, side by side in both tables
         for c in self.chains:
-            n = len(c.rules) + 1 + (c.head is not None)
+            n = c.n
             if not c.dirty:
-                ctypes.memmove(base + 16 * position, old_at + 16 * c.start, 16 * n)
+                if run_n and run_old + run_n == c.start and run_new + run_n == position:
+                    run_n += n
+                else:
+                    if run_n:
+                        ctypes.memmove(base + 16 * run_new, old_at + 16 * run_old, 16 * run_n)
+                    run_new, run_old, run_n = position, c.start, n
             else:
                 part = b"".join(zero if e.index is None else counts[16 * e.index:16 * e.index + 16]
                                 for e in c.entries())
                 ctypes.memmove(base + 16 * position, part, 16 * n)
             c.start, c.dirty, position = position, False, position + n
+        if run_n:
+            ctypes.memmove(base + 16 * run_new, old_at + 16 * run_old, 16 * run_n)
         ctypes.memmove(base + 16 * position, old_at + 16 * (self.count - 1), 16)    # the trailer
         removed = {e: struct.unpack_from("=QQ", old, 16 * e.index) for e in self._removed}
         self.count, self._removed = count, []
@@ -334,26 +348,29 @@ class RawTable:
                       "over (%s): they count again from zero", self.name, exc.strerror)
         return removed
 
-    def _special_bytes(self, chain, chain_at):
-        """A chain with jumps, their verdicts set to where their targets are now."""
-        at = chain_at[chain.name] - (len(chain.head.raw) if chain.head is not None else 0)
-        where, out = {}, []
-        for e in chain.entries():
-            where[id(e)] = at
-            at += len(e.raw)
-        for e in chain.entries():
-            if e.jump is None:
-                out.append(e.raw)
-                continue
-            kind, target = e.jump
-            if kind == "chain":
-                verdict = chain_at[target]
-            elif id(target) in where:
-                verdict = where[id(target)]
-            else:
-                raise UnknownLayout(f"the {self.name} table: a rule of {chain.name} goes on to an entry of "
-                                    "another chain")
-            raw = bytearray(e.raw)
-            struct.pack_into("=i", raw, e.verdict_at, verdict)
-            out.append(bytes(raw))
-        return b"".join(out)
+    def _build(self, chain):
+        """A chain's bytes, its number of entries, and where its jumps' verdicts go: (offset in the
+        chain, target, inside) with target a chain name, or (inside) an offset in this chain."""
+        entries = chain.entries()
+        chain.blob = b"".join(e.raw for e in entries)
+        chain.n = len(entries)
+        chain.head_len = len(chain.head.raw) if chain.head is not None else 0
+        patches = []
+        if chain.special:
+            where, at = {}, 0
+            for e in entries:
+                where[id(e)] = at
+                at += len(e.raw)
+            for e in entries:
+                if e.jump is None:
+                    continue
+                kind, target = e.jump
+                if kind == "chain":
+                    patches.append((where[id(e)] + e.verdict_at, target, False))
+                elif id(target) in where:
+                    patches.append((where[id(e)] + e.verdict_at, where[id(target)], True))
+                else:
+                    chain.blob = None
+                    raise UnknownLayout(f"the {self.name} table: a rule of {chain.name} goes on to an entry of "
+                                        "another chain")
+        chain.patches = patches
