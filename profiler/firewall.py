@@ -277,6 +277,7 @@ class IptablesFirewall(RawPath):
         # The filter table of each family as our last commit left it (xtblob.py), and the lock
         # watch's generation then: read again only when another program may have changed it.
         self._raw = {}
+        self._placed = {}       # family -> (RawTable, {cid: [(leaf, Entry, inbound)]}) of rules put in it
         self._watch = None
         self._no_raw = set()    # families whose table xtblob cannot read: libiptc does it all
 

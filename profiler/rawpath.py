@@ -124,7 +124,6 @@ class RawPath:
 
     def _apply_raw_once(self, fam, adds, gone):
         key, template = (fam.family, fam.table.name), fam.template
-        wanted = {s.cid for s in gone}
         with self.lock.held():
             try:
                 raw = self._raw_table(fam)
@@ -133,20 +132,34 @@ class RawPath:
                         top = path(spec, direction)[0][0].chain
                         if top not in raw:
                             raise FirewallError(f"chain {top} is missing")
-                doomed = []      # (entry, cid, inbound)
-                for leaf in self._leaves_of(gone):
+                # The rules we put in this very table since it was read are known by their entries;
+                # only the others (read with it) are looked for in their leaves.
+                if self._placed.get(fam.family, (None,))[0] is not raw:
+                    self._placed[fam.family] = (raw, {})
+                placed = self._placed[fam.family][1]
+                doomed, doomed_in, search = [], {}, []      # doomed: (entry, cid, inbound)
+                for spec in gone:
+                    known = placed.pop(spec.cid, None)
+                    if known is None:
+                        search.append(spec)
+                        continue
+                    for leaf, e, inbound in known:
+                        doomed_in.setdefault(leaf, []).append(e)
+                        doomed.append((e, spec.cid, inbound))
+                wanted = {s.cid for s in search}
+                for leaf in self._leaves_of(search):
                     if leaf not in raw:
                         continue
                     inbound = chain_info(leaf)[1] == "I"
-                    mine = []
                     for e in raw.rules(leaf):
                         k = template.key_of(e.raw)
                         cid = self._owner.get((fam.family, leaf, k)) if k is not None else None
                         if cid in wanted:
-                            mine.append(e)
+                            doomed_in.setdefault(leaf, []).append(e)
                             doomed.append((e, cid, inbound))
-                    if mine:
-                        raw.remove(leaf, mine)
+                for leaf, entries in doomed_in.items():
+                    if leaf in raw:
+                        raw.remove(leaf, entries)
                 jumps = {}
                 for spec in adds:
                     for direction, (leaf, four) in zip(("I", "O"), spec.tuples()):
@@ -159,7 +172,8 @@ class RawPath:
                             if hop.target not in known:
                                 raw.add_jump(hop.chain, fam.dispatch_matches(hop), hop.target, hop.goto)
                                 known.add(hop.target)
-                        raw.insert(leaf, template.matches(*four))     # newest first
+                        e = raw.insert(leaf, template.matches(*four))     # newest first
+                        placed.setdefault(spec.cid, []).append((leaf, e, direction == "I"))
                 final = raw.commit()
             except UnknownLayout as exc:
                 self._raw.pop(fam.family, None)

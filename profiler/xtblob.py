@@ -226,7 +226,9 @@ class RawTable:
         with this (negative) verdict."""
         c = self.by_name[chain]
         self._touch(c)
-        c.rules.insert(position, self.standard_entry(matches, verdict))
+        entry = self.standard_entry(matches, verdict)
+        c.rules.insert(position, entry)
+        return entry
 
     def remove(self, chain, entries):
         c = self.by_name[chain]
@@ -318,7 +320,6 @@ class RawTable:
         add = ctypes.create_string_buffer(_ADD_HEADER + 16 * count)
         struct.pack_into("=32sI", add, 0, self.name.encode(), count)
         base, position, old_at = ctypes.addressof(add) + _ADD_HEADER, 0, ctypes.addressof(old)
-        counts, zero = memoryview(old), bytes(16)
         run_new = run_old = run_n = 0        # chains left as they were, side by side in both tables
         for c in self.chains:
             n = c.n
@@ -330,9 +331,18 @@ class RawTable:
                         ctypes.memmove(base + 16 * run_new, old_at + 16 * run_old, 16 * run_n)
                     run_new, run_old, run_n = position, c.start, n
             else:
-                part = b"".join(zero if e.index is None else counts[16 * e.index:16 * e.index + 16]
-                                for e in c.entries())
-                ctypes.memmove(base + 16 * position, part, 16 * n)
+                # New entries keep the buffer's zeros; kept ones, mostly side by side, move in runs.
+                at = position
+                for e in c.entries():
+                    i = e.index
+                    if i is not None:
+                        if run_n and run_old + run_n == i and run_new + run_n == at:
+                            run_n += 1
+                        else:
+                            if run_n:
+                                ctypes.memmove(base + 16 * run_new, old_at + 16 * run_old, 16 * run_n)
+                            run_new, run_old, run_n = at, i, 1
+                    at += 1
             c.start, c.dirty, position = position, False, position + n
         if run_n:
             ctypes.memmove(base + 16 * run_new, old_at + 16 * run_old, 16 * run_n)

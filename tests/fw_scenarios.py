@@ -143,6 +143,23 @@ def failure_in_the_middle_of_a_change():
     return out
 
 
+def rules_put_and_rules_read_removed_together():
+    """One leaf holds a pair read with the table (another program used the lock since) and a pair
+    put in by our last commit: removed in one commit, each is counted once, from its own rules."""
+    fw = IptablesFirewall([IFACE])
+    fw.setup()
+    read, put = spec("read", 40001), spec("put", 40002)      # the same leaf
+    fw.apply(add=[read])
+    set_counters(read, "I", 3, 300)      # iptables -w: the table is read again at our next change
+    set_counters(read, "O", 4, 400)
+    fw.apply(add=[put])
+    harvested = fw.apply(remove=[read, put])
+    out = {"harvested": {cid: [c.in_bytes, c.out_bytes, c.in_rules, c.out_rules] for cid, c in harvested.items()},
+           "rules": fw.rule_count, "fixes": fw.verify(full=True)}
+    fw.teardown()
+    return out
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.ERROR)
     result = globals()[sys.argv[1]]()

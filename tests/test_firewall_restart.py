@@ -44,6 +44,13 @@ def test_a_stale_pair_with_a_new_connection_s_4_tuple_is_removed_not_summed(netp
     assert leftover_rules(netpair.a) == []
 
 
+def test_rules_put_by_us_and_rules_read_with_the_table_are_each_removed_once(netpair):
+    out = scenario(netpair.a, "rules_put_and_rules_read_removed_together")
+    assert out["harvested"] == {"read": [300, 400, 1, 1], "put": [0, 0, 1, 1]}
+    assert out["rules"] == 0 and out["fixes"] == [[], []]
+    assert leftover_rules(netpair.a) == []
+
+
 def test_what_another_program_does_between_our_commits_is_kept(netpair):
     out = scenario(netpair.a, "foreign_changes_between_our_commits")
     for table in (out["mid"], out["after"]):
