@@ -281,6 +281,7 @@ class RawTable:
         """Replace the kernel's table by ours. Returns {Entry: (packets, bytes)}: the final counters
         of the rules removed since the last load or commit."""
         chain_at, at, count = {}, 0, 1       # the trailer counts
+        parts, jumping = [b""], []
         for c in self.chains:
             if c.blob is None:
                 self._build(c)
@@ -288,6 +289,10 @@ class RawTable:
             chain_at[c.name] = at + c.head_len
             at += len(c.blob)
             count += c.n
+            parts.append(c.blob)
+            if c.patches:
+                jumping.append(c)
+        parts.append(self.trailer.raw)
         size = at + len(self.trailer.raw)
         hooks, underflows = [0] * _NUMHOOKS, [0] * _NUMHOOKS
         for c in self.chains:
@@ -295,18 +300,17 @@ class RawTable:
                 hooks[c.hook] = c.at
                 underflows[c.hook] = c.at + len(c.blob) - len(c.tail.raw)
         old = ctypes.create_string_buffer(16 * self.count)
-        # One buffer, each chain's bytes copied into it once: at 10,000 rules it is 2 MB. The
-        # verdicts of jumps point at where their targets are now: patched in place.
-        replace = bytearray(_REPLACE_HEADER + size)
-        struct.pack_into(f"=32s{3 + 2 * _NUMHOOKS + 1}IQ", replace, 0, self.name.encode(), self.valid_hooks, count,
-                         size, *hooks, *underflows, self.count, ctypes.addressof(old))
+        parts[0] = struct.pack(f"=32s{3 + 2 * _NUMHOOKS + 1}IQ", self.name.encode(), self.valid_hooks, count,
+                               size, *hooks, *underflows, self.count, ctypes.addressof(old)).ljust(_REPLACE_HEADER,
+                                                                                                   b"\0")
+        # One buffer of every chain's bytes (2 MB at 10,000 rules); then the verdicts of jumps are
+        # set to where their targets are now.
+        replace = bytearray().join(parts)
         pack = struct.pack_into
-        for c in self.chains:
+        for c in jumping:
             at = _REPLACE_HEADER + c.at
-            replace[at:at + len(c.blob)] = c.blob
             for rel, target, inside in c.patches:
                 pack("=i", replace, at + rel, c.at + target if inside else chain_at[target])
-        replace[_REPLACE_HEADER + size - len(self.trailer.raw):] = self.trailer.raw
         try:
             _sockopt(self.family, _libc.setsockopt, _SO_SET_REPLACE,
                      (ctypes.c_char * len(replace)).from_buffer(replace), len(replace))
