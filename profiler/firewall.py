@@ -277,6 +277,7 @@ class IptablesFirewall(RawPath):
         # The filter table of each family as our last commit left it (xtblob.py), and the lock
         # watch's generation then: read again only when another program may have changed it.
         self._raw = {}
+        self._pair_keys = {}    # cid -> _keys() of an installed pair
         self._placed = {}       # family -> (RawTable, {cid: [(leaf, Entry, inbound)]}) of rules put in it
         self._watch = None
         self._no_raw = set()    # families whose table xtblob cannot read: libiptc does it all
@@ -409,6 +410,7 @@ class IptablesFirewall(RawPath):
                 self._remove_ours(fam)
         self._installed.clear()
         self._owner.clear()
+        self._pair_keys.clear()
         return final
 
     def _remove_ours(self, fam):
@@ -543,8 +545,10 @@ class IptablesFirewall(RawPath):
         template = self._fam(spec.family).template
         return [(spec.family, leaf, template.key(*t)) for leaf, t in spec.tuples()]
 
-    def _own(self, spec):
-        for k in self._keys(spec):
+    def _own(self, spec, keys=None):
+        keys = keys or self._keys(spec)
+        self._pair_keys[spec.cid] = keys      # computed once: they are asked for at each change
+        for k in keys:
             other = self._owner.get(k)
             if other is not None and other != spec.cid:
                 # The profiler harvests a connection before another with its 4-tuple gets rules; were
@@ -556,7 +560,7 @@ class IptablesFirewall(RawPath):
     def _disown(self, cid):
         spec = self._installed.pop(cid, None)
         if spec is not None:
-            for k in self._keys(spec):
+            for k in self._pair_keys.pop(cid, None) or self._keys(spec):
                 if self._owner.get(k) == cid:
                     del self._owner[k]
 
@@ -613,7 +617,8 @@ class IptablesFirewall(RawPath):
             # A pair still installed under another connection's id with a new one's 4-tuple (its
             # removal failed, and the profiler gave up on it): read and removed with the others,
             # or its counters would be summed into the new connection's.
-            stale = {self._owner[k] for spec in adds for k in self._keys(spec)
+            keys = {spec.cid: self._keys(spec) for spec in adds}
+            stale = {self._owner[k] for spec in adds for k in keys[spec.cid]
                      if self._owner.get(k) not in (None, spec.cid)} - {s.cid for s in gone}
             if stale:
                 log.error("removing the stale rules of %s: a new connection has their 4-tuple", sorted(stale))
@@ -640,7 +645,7 @@ class IptablesFirewall(RawPath):
             for spec in gone:       # first: a new connection may reuse a removed one's 4-tuple
                 self._disown(spec.cid)
             for spec in adds:
-                self._own(spec)
+                self._own(spec, keys[spec.cid])
         return harvested
 
     def read(self, specs):
