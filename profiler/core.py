@@ -494,12 +494,21 @@ class Profiler(Attribution, Restart, Requests):
                 self._remove_since = now
             if now - self._remove_since < HARVEST_BATCH_WAIT and len(self._pending_remove) < HARVEST_BATCH_MAX:
                 return
-        self._remove_since = None
+        since, self._remove_since = self._remove_since, None
         self._update_hold()
         adds = list(self._pending_add.values())
         removes = list(self._pending_remove.values())
         releases, self._held_releases = self._held_releases, []
         self._pending_add, self._pending_remove = {}, {}
+        if releases and removes and (since is None or self.clock.monotonic() - since < HARVEST_BATCH_WAIT):
+            # Held SYNs wait for the commits of the tables their rules go in, not for another
+            # table's harvest: that one waits for the next flush, HARVEST_BATCH_WAIT at most.
+            groups = {self.firewall.commit_group(s) for _, s in adds}
+            later = {c.cid: (c, s) for c, s in removes if self.firewall.commit_group(s) not in groups}
+            if later:
+                self._pending_remove = later
+                self._remove_since = since if since is not None else self.clock.monotonic()
+                removes = [(c, s) for c, s in removes if c.cid not in later]
         harvested = {}
         started = time.perf_counter()
         try:
@@ -511,12 +520,23 @@ class Profiler(Attribution, Restart, Requests):
                 conn.rules_installed = True
                 conn.rules_at = now
         except FirewallError as exc:
-            log.error("netfilter change failed, %d new connections stay without rules: %s", len(adds), exc)
+            # Some tables' commits may have been made (PartialChange): those connections' rules are
+            # in place, or harvested, all the same.
+            done = getattr(exc, "done", set())
+            harvested = getattr(exc, "harvested", {})
+            now = self.clock.time()
+            failed = [(c, s) for c, s in adds if c.cid not in done]
+            log.error("netfilter change failed, %d new connections stay without rules: %s", len(failed), exc)
             for conn, _ in adds:
-                conn.rules_before_first_packet = False
+                if conn.cid in done:
+                    conn.rules_installed = True
+                    conn.rules_at = now
+                else:
+                    conn.rules_before_first_packet = False
             # Their rules are still counting: read and remove them at the next flush, a few times
             # before recording them without (a lock held for good by another program).
-            retry = [(c, s) for c, s in removes if self._remove_failures.get(c.cid, 0) < REMOVE_RETRIES]
+            retry = [(c, s) for c, s in removes
+                     if c.cid not in done and self._remove_failures.get(c.cid, 0) < REMOVE_RETRIES]
             for conn, spec in retry:
                 self._remove_failures[conn.cid] = self._remove_failures.get(conn.cid, 0) + 1
                 self._pending_remove[conn.cid] = (conn, spec)

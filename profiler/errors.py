@@ -64,5 +64,14 @@ class FirewallError(ProfilerError):
     """netfilter refused a change or could not be read."""
 
 
+class PartialChange(FirewallError):
+    """A change committed in some tables and failed in others. `done`: the connection ids whose
+    rules were added or removed all the same; `harvested`: {cid: Counters} of those removed."""
+
+    def __init__(self, message, done, harvested):
+        super().__init__(message)
+        self.done, self.harvested = set(done), dict(harvested)
+
+
 class CaptureError(ProfilerError):
     """libpcap could not open or read an interface."""

@@ -1,14 +1,15 @@
 """The netfilter adapter: the only module that imports iptc (python-iptables).
 
-We own one set of chains in the legacy tables and touch no other rule:
-- filter NETPROF_I_<iface> and NETPROF_O_<iface>, one jump each from INPUT and
+We own one set of chains in the legacy tables and touch no other rule. One instance looks after
+one table of connection rules, filter or security (shards.py splits the rules between two):
+- NETPROF_I_<iface> and NETPROF_O_<iface>, one jump each from INPUT and
   OUTPUT, each the root of a tree of chains (see chains.py) whose leaves hold,
   per tracked connection, a RETURN rule matching its exact 4-tuple: the
   counters of the pair (one rule per direction) are its byte count. A rule is
   known by its leaf and 4-tuple; which connection id that is, we remember.
-- filter NETPROF_CT, never jumped to: a rule that uses conntrack is what turns
+- NETPROF_CT, never jumped to: a rule that uses conntrack is what turns
   connection tracking on in a network namespace (see conntrack.py).
-- mangle NETPROF_HOLD_O / NETPROF_HOLD_I, jumped to by new SYNs from mangle
+- (the filter instance only) mangle NETPROF_HOLD_O / NETPROF_HOLD_I, jumped to by new SYNs from mangle
   OUTPUT and INPUT: they send the SYNs of tracked users and of tracked
   listening ports to an NFQUEUE (with --queue-bypass, so traffic flows if we
   are gone), where the service holds them until their rules are committed.
@@ -18,7 +19,7 @@ commands do: python-iptables does not take the lock, and two uncoordinated
 writers silently drop each other's rules. Many changes are batched into one
 commit because each commit rewrites the table.
 
-Connection rules come and go through xtblob.py (rawpath.py): the filter table is kept as
+Connection rules come and go through xtblob.py (rawpath.py): the table is kept as
 our last commit left it and committed without libiptc, so a change does not
 first read the whole table back (half the cost of a cycle at 10,000 rules).
 It is read again whenever another program may have changed it: it used the
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import iptc
 
 from .chains import CT_CHAIN, HOLD_IN, HOLD_OUT, PREFIX, Counters, RuleSpec, chain_info, chain_names, path
-from .errors import FirewallError
+from .errors import FirewallError, PartialChange
 from .rawpath import RawPath, _add_count, _Unreadable
 from .xtlock import XtablesLock
 
@@ -168,15 +169,16 @@ class _ChainSet:
 
 
 class _Family:
-    """The legacy filter (or mangle) table of one address family, and its rule type."""
+    """One legacy table (filter, security or mangle) of one address family, and its rule type."""
 
-    def __init__(self, family, mangle=False):
+    def __init__(self, family, mangle=False, table="filter"):
         self.family = family
+        name = "mangle" if mangle else table
         if family == socket.AF_INET:
-            self.table = iptc.Table(iptc.Table.MANGLE if mangle else iptc.Table.FILTER)
+            self.table = iptc.Table(name)
             self.rule_cls = iptc.Rule
         else:
-            self.table = iptc.Table6(iptc.Table6.MANGLE if mangle else iptc.Table6.FILTER)
+            self.table = iptc.Table6(name)
             self.rule_cls = iptc.Rule6
         self.table.autocommit = False
         self._template = None
@@ -263,10 +265,13 @@ class _Family:
 
 
 class IptablesFirewall(RawPath):
-    def __init__(self, interfaces, lock=None, queue_num=None):
+    def __init__(self, interfaces, lock=None, queue_num=None, table="filter"):
+        """`table`: where the connection rules and their chains go. Only the one in "filter" also
+        looks after the SYN hold chains in mangle (shards.py puts half the rules in "security")."""
         self.interfaces = tuple(interfaces)
         self.lock = lock or XtablesLock()
         self.queue_num = queue_num
+        self.table = table
         self._families = {}
         self._mangles = {}
         self._installed = {}  # cid -> RuleSpec
@@ -293,9 +298,9 @@ class IptablesFirewall(RawPath):
     def _fam(self, family):
         if family not in self._families:
             try:
-                self._families[family] = _Family(family)
+                self._families[family] = _Family(family, table=self.table)
             except iptc.IPTCError as exc:
-                raise FirewallError(f"cannot open the {self._fname(family)} filter table: {exc}") from None
+                raise FirewallError(f"cannot open the {self._fname(family)} {self.table} table: {exc}") from None
         return self._families[family]
 
     def _mangle(self, family):
@@ -320,7 +325,7 @@ class IptablesFirewall(RawPath):
             before = self._summary(key)
             if before is None or before != self._committed.get(key, before):
                 self._foreign.add(key)
-            if fam.table.name == "filter":
+            if fam.table.name == self.table:
                 self._raw.pop(fam.family, None)      # libiptc changes it: read again before use
             try:
                 fam.table.refresh()
@@ -387,6 +392,8 @@ class IptablesFirewall(RawPath):
                 for cid in present - drop:
                     self._own(specs[cid])
                 self._ensure_structure(fam)
+            if self.table != "filter":
+                continue
             mangle = self._mangle(family)
             with self._cycle(mangle):
                 self._remove_ours(mangle)
@@ -602,50 +609,67 @@ class IptablesFirewall(RawPath):
         """Only the leaves these connections' rules are in: a harvest reads a few small chains."""
         return sorted({path(spec, d)[1] for spec in specs for d in ("I", "O")})
 
+    def commit_group(self, spec):
+        """Changes of specs in one group share a commit: one family's table."""
+        return spec.family
+
     def apply(self, add=(), remove=()):
         """Install the pairs in `add`, read and remove those in `remove`, one commit per family.
 
         Returns {cid: Counters} for the removed pairs, read in the same locked
         cycle that removes them, so no counted byte falls between read and delete.
+        Raises PartialChange when one family's commit failed after another's was made.
         """
-        harvested = {}
-        families = {s.family for s in add} | {s.family for s in remove}
+        harvested, done = {}, set()
+        families = sorted({s.family for s in add} | {s.family for s in remove})
         for family in families:
-            fam = self._fam(family)
-            adds = [s for s in add if s.family == family]
-            gone = [s for s in remove if s.family == family]
-            # A pair still installed under another connection's id with a new one's 4-tuple (its
-            # removal failed, and the profiler gave up on it): read and removed with the others,
-            # or its counters would be summed into the new connection's.
-            keys = {spec.cid: self._keys(spec) for spec in adds}
-            stale = {self._owner[k] for spec in adds for k in keys[spec.cid]
-                     if self._owner.get(k) not in (None, spec.cid)} - {s.cid for s in gone}
-            if stale:
-                log.error("removing the stale rules of %s: a new connection has their 4-tuple", sorted(stale))
-                gone = gone + [self._installed[cid] for cid in stale if cid in self._installed]
-            raw_done = False
-            if family not in self._no_raw:
-                try:
-                    harvested.update(self._apply_raw(fam, adds, gone))
-                    raw_done = True
-                except _Unreadable as exc:
-                    log.warning("the %s filter table is changed through libiptc from now on: %s",
-                                self._fname(family), exc)
-                    self._no_raw.add(family)
-            if not raw_done:
-                with self._cycle(fam):
-                    if gone:
-                        existing = _ChainSet(fam.table)
-                        leaves = [name for name in self._leaves_of(gone) if name in existing]
-                        harvested.update(self._counters(fam, {s.cid for s in gone}, delete=True, chains=leaves))
-                    if adds:
-                        existing, jumps = _ChainSet(fam.table), {}
-                        for spec in adds:
-                            self._insert_pair(fam, spec, existing, jumps)
-            for spec in gone:       # first: a new connection may reuse a removed one's 4-tuple
-                self._disown(spec.cid)
-            for spec in adds:
-                self._own(spec, keys[spec.cid])
+            try:
+                got = self._apply_family(family, [s for s in add if s.family == family],
+                                         [s for s in remove if s.family == family])
+            except FirewallError as exc:
+                if not done:
+                    raise
+                raise PartialChange(str(exc), done, harvested) from None
+            harvested.update(got)
+            done.update(s.cid for s in add if s.family == family)
+            done.update(s.cid for s in remove if s.family == family)
+        return harvested
+
+    def _apply_family(self, family, adds, gone):
+        harvested = {}
+        fam = self._fam(family)
+        # A pair still installed under another connection's id with a new one's 4-tuple (its
+        # removal failed, and the profiler gave up on it): read and removed with the others,
+        # or its counters would be summed into the new connection's.
+        keys = {spec.cid: self._keys(spec) for spec in adds}
+        stale = {self._owner[k] for spec in adds for k in keys[spec.cid]
+                 if self._owner.get(k) not in (None, spec.cid)} - {s.cid for s in gone}
+        if stale:
+            log.error("removing the stale rules of %s: a new connection has their 4-tuple", sorted(stale))
+            gone = gone + [self._installed[cid] for cid in stale if cid in self._installed]
+        raw_done = False
+        if family not in self._no_raw:
+            try:
+                harvested.update(self._apply_raw(fam, adds, gone))
+                raw_done = True
+            except _Unreadable as exc:
+                log.warning("the %s %s table is changed through libiptc from now on: %s",
+                            self._fname(family), self.table, exc)
+                self._no_raw.add(family)
+        if not raw_done:
+            with self._cycle(fam):
+                if gone:
+                    existing = _ChainSet(fam.table)
+                    leaves = [name for name in self._leaves_of(gone) if name in existing]
+                    harvested.update(self._counters(fam, {s.cid for s in gone}, delete=True, chains=leaves))
+                if adds:
+                    existing, jumps = _ChainSet(fam.table), {}
+                    for spec in adds:
+                        self._insert_pair(fam, spec, existing, jumps)
+        for spec in gone:       # first: a new connection may reuse a removed one's 4-tuple
+            self._disown(spec.cid)
+        for spec in adds:
+            self._own(spec, keys[spec.cid])
         return harvested
 
     def read(self, specs):

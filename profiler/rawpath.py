@@ -55,7 +55,7 @@ class RawPath:
             return held[0]
         if summary is None or summary != self._committed.get(key, summary):
             self._foreign.add(key)
-        raw = RawTable(fam.family, "filter")
+        raw = RawTable(fam.family, self.table)
         try:
             raw.load()
         except UnknownLayout as exc:
@@ -118,8 +118,8 @@ class RawPath:
         try:
             return self._apply_raw_once(fam, adds, gone)
         except TableChanged:
-            log.warning("the %s filter table was changed by a program that does not take the xtables lock; "
-                        "read again", self._fname(fam.family))
+            log.warning("the %s %s table was changed by a program that does not take the xtables lock; "
+                        "read again", self._fname(fam.family), self.table)
             return self._apply_raw_once(fam, adds, gone)
 
     def _apply_raw_once(self, fam, adds, gone):

@@ -256,6 +256,7 @@ def build_service(config):
     """The service with the real adapters of this machine."""
     from .capture import PcapCapture
     from .firewall import IptablesFirewall
+    from .shards import ShardedFirewall
     from .logsink import RollingLogSink
     from .proctable import ProcessTable
     from .sockdiag import SockDiag
@@ -283,7 +284,10 @@ def build_service(config):
         store = StateStore(config.state_file)
     except Exception as exc:
         raise ProfilerError(f"cannot open the state file {config.state_file}: {exc}") from None
-    firewall = IptablesFirewall(config.interfaces, queue_num=config.queue_num if config.hold_syns else None)
+    filter_part = IptablesFirewall(config.interfaces, queue_num=config.queue_num if config.hold_syns else None)
+    # The same lock object: one writer, and our own commits are not taken for another program's.
+    firewall = ShardedFirewall(filter_part, IptablesFirewall(config.interfaces, lock=filter_part.lock,
+                                                             table="security"))
     return Service(config, firewall=firewall, processes=ProcessTable(), sockets=SockDiag(),
                    sink=RollingLogSink(config.log_dir, config.max_bytes, config.backup_count, config.log_format,
                                        config.internal_networks),

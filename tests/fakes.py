@@ -2,7 +2,7 @@
 import socket
 from dataclasses import dataclass
 
-from profiler.errors import FirewallError, NotFound
+from profiler.errors import FirewallError, NotFound, PartialChange
 from profiler.firewall import Counters
 from profiler.proctable import ProcessIdentity
 from profiler.sockdiag import ALL_STATES, LISTEN_STATES, TCP_STATES, SocketInfo
@@ -17,15 +17,36 @@ class FakeFirewall:
         self.fail_next = False
         self.order = []          # ("commit", cids) / ("release", n) to check ordering
         self.removed_by_other = set()
+        self.group_of = lambda spec: spec.family     # which specs share a commit (one table)
+        self.partial = None      # (done cids, harvested) for the next apply to raise PartialChange with
+        self.found = set()       # cids whose rules setup() finds in place
+        self.table = "filter"
 
     @property
     def rule_count(self):
         return 2 * len(self.installed)
 
-    def setup(self):
+    def setup(self, keep=None):
+        if self.fail_next:
+            self.fail_next = False
+            raise FirewallError("injected failure: no such table")
+        self.installed.update({cid: spec for cid, spec in (keep or {}).items() if cid in self.found})
         return []
 
+    def commit_group(self, spec):
+        return self.group_of(spec)
+
     def apply(self, add=(), remove=()):
+        if self.partial is not None:
+            done, harvested = self.partial
+            self.partial = None
+            for spec in add:
+                if spec.cid in done:
+                    self.installed[spec.cid] = spec
+            for spec in remove:
+                if spec.cid in done:
+                    self.installed.pop(spec.cid, None)
+            raise PartialChange("injected failure in one table", done, harvested)
         if self.fail_next:
             self.fail_next = False
             raise FirewallError("injected failure")

@@ -524,6 +524,66 @@ def test_a_removal_that_keeps_failing_is_recorded_as_vanished(env):
         (False, "rules vanished before they were read")]
 
 
+def test_a_held_syn_waits_for_its_own_table_not_for_another_table_s_harvest(env):
+    prof, fw, procs, socks, sink, clock = env
+    fw.group_of = lambda spec: spec.lport % 2         # odd and even local ports: two tables
+    register(prof, procs, inodes={11, 12, 13})
+    open_conn(prof, socks, 5001, 11)
+    open_conn(prof, socks, 5003, 12)
+    odd, same = sorted(prof.conns.values(), key=lambda c: c.lport)
+    fw.counters[odd.cid], fw.counters[same.cid] = Counters(2, 120, 3, 180), Counters(1, 60, 1, 60)
+    for lport in (5001, 5003):
+        close_conn(prof, socks, lport)
+    clock.advance(2)
+    prof.sweep()                                     # both wait to be harvested
+    prof.flush(defer_harvest=True)
+    fw.order.clear()
+    fw.commits = 0
+    socks.connect(L, 5002, R, 80, inode=13)          # even: the other table
+    released = []
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5002, R, 80), lambda: released.append(fw.commits))])
+    prof.flush(defer_harvest=True)
+    assert released == [1] and fw.order == [("commit", [c.cid for c in prof.conns.values() if c.lport == 5002])]
+    assert sink.records == [] and {odd.cid, same.cid} <= set(fw.installed)
+    clock.advance(0.2)                               # HARVEST_BATCH_WAIT: the harvest's own commit
+    prof.flush(defer_harvest=True)
+    assert sorted((r.lport, r.in_bytes, r.out_bytes) for r in sink.records) == [(5001, 120, 180), (5003, 60, 60)]
+    # A held SYN of the same table takes the harvest along in its commit.
+    open_conn(prof, socks, 5005, 11)
+    five = next(c for c in prof.conns.values() if c.lport == 5005)
+    close_conn(prof, socks, 5005)
+    clock.advance(2)
+    prof.sweep()
+    socks.connect(L, 5007, R, 80, inode=12)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5007, R, 80), lambda: None)])
+    prof.flush(defer_harvest=True)
+    assert five.cid not in fw.installed and [r.lport for r in sink.records][-1] == 5005
+
+
+def test_a_change_made_in_one_table_and_not_in_the_other_keeps_what_was_made(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11, 12, 13, 14})
+    open_conn(prof, socks, 5001, 11)
+    open_conn(prof, socks, 5002, 12)
+    made, failed = sorted(prof.conns.values(), key=lambda c: c.lport)
+    for lport in (5001, 5002):
+        close_conn(prof, socks, lport)
+    clock.advance(2)
+    prof.sweep()
+    socks.connect(L, 5003, R, 80, inode=13)
+    socks.connect(L, 5004, R, 80, inode=14)
+    prof.on_packet(ev(L, 5003, R, 80, SYN))
+    prof.on_packet(ev(L, 5004, R, 80, SYN))
+    new_made, new_failed = sorted((c for c in prof.conns.values() if c.lport > 5002), key=lambda c: c.lport)
+    fw.partial = ({made.cid, new_made.cid}, {made.cid: Counters(2, 120, 3, 180)})
+    prof.flush()
+    assert [(r.lport, r.in_bytes, r.out_bytes) for r in sink.records] == [(5001, 120, 180)]
+    assert new_made.rules_installed and not new_failed.rules_installed
+    assert failed.cid in fw.installed and failed.cid in prof._pending_remove    # tried again
+    prof.flush()
+    assert sorted(r.lport for r in sink.records) == [5001, 5002]
+
+
 def test_the_capture_of_a_held_syn_and_its_syn_ack_costs_no_lookup_of_the_other_side(env):
     prof, fw, procs, _, sink, clock = env
     socks = prof.sockets = LookupCountingSockets()

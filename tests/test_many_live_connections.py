@@ -1,4 +1,5 @@
-"""The chain tree under many live connections: every one counted exactly, whichever leaf it is in."""
+"""The chain trees under many live connections: every one counted exactly, whichever table and leaf
+it is in."""
 import json
 import os
 
@@ -36,15 +37,20 @@ def test_hundreds_of_live_connections_in_both_blocks_are_exact(netpair):
         status = wait_for(lambda: (lambda s: s if s["live_connections"] >= 400 else None)(svc.get("/status")[1]),
                           timeout=20, what="400 live connections")
         assert status["installed_rules"] >= 800
-        save = p.a.run("iptables-legacy-save").stdout
-        leaves = {line.split()[1] for line in save.splitlines()
-                  if line.startswith("-A NETPROF_") and "/32 -d " in line and "-j RETURN" in line}
-        assert len(leaves) >= 8
-        # A leaf is entered by a goto: after it the packet is back in the top chain, not walking
-        # the rest of the mid chain.
-        into_leaves = [line for line in save.splitlines() if line.startswith("-A NETPROF_")
-                       and line.split()[-1] in leaves]
-        assert len(into_leaves) >= len(leaves) and all(" -g NETPROF_" in line for line in into_leaves)
+        # Half the port blocks in filter, half in security (shards.py): each table holds only its own.
+        for number, table in enumerate(("filter", "security")):
+            save = p.a.run("iptables-legacy-save", "-t", table).stdout
+            rules = [line.split() for line in save.splitlines()
+                     if line.startswith("-A NETPROF_") and "/32 -d " in line and "-j RETURN" in line]
+            leaves = {rule[1] for rule in rules}
+            assert len(leaves) >= 4, table
+            filed = [max(int(rule[rule.index("--sport") + 1]), int(rule[rule.index("--dport") + 1])) for rule in rules]
+            assert {(port >> 12) & 1 for port in filed} == {number}, table
+            # A leaf is entered by a goto: after it the packet is back in the top chain, not walking
+            # the rest of the mid chain.
+            into_leaves = [line for line in save.splitlines() if line.startswith("-A NETPROF_")
+                           and line.split()[-1] in leaves]
+            assert len(into_leaves) >= len(leaves) and all(" -g NETPROF_" in line for line in into_leaves)
         for c in (out, inbound):
             c.stdin.write("\n")
             c.stdin.close()

@@ -76,19 +76,22 @@ def test_rules_changed_by_another_program_are_repaired_and_counted(netpair, inte
         client.stdin.flush()
         wait_for(lambda: live_out_bytes(svc, "meddle") > 5 * MB, timeout=30, what="5 MB sent")
         chain_out = f"NETPROF_O_{p.iface_a}"
-        if interference == "flush":
-            p.a.run("iptables-legacy", "-w", "-F", chain_out)
-        elif interference == "delete-jump":
-            p.a.run("iptables-legacy", "-w", "-D", "OUTPUT", "-o", p.iface_a, "-j", chain_out)
-        else:
-            p.a.run("iptables-legacy", "-w", "-I", "OUTPUT", "1", "-p", "udp", "-j", "ACCEPT")
+        # In both tables that hold connection rules (shards.py): the connection's rules are in one.
+        for table in ("filter", "security"):
+            if interference == "flush":
+                p.a.run("iptables-legacy", "-w", "-t", table, "-F", chain_out)
+            elif interference == "delete-jump":
+                p.a.run("iptables-legacy", "-w", "-t", table, "-D", "OUTPUT", "-o", p.iface_a, "-j", chain_out)
+            else:
+                p.a.run("iptables-legacy", "-w", "-t", table, "-I", "OUTPUT", "1", "-p", "udp", "-j", "ACCEPT")
         wait_for(lambda: "repaired" in svc.output(), timeout=10, what="repair")
-        save = p.a.run("iptables-legacy-save").stdout
-        assert f"-A OUTPUT -o {p.iface_a} -j {chain_out}" in save.split("\n-A OUTPUT")[0] + "\n" + \
-            "\n".join(l for l in save.splitlines() if l.startswith("-A OUTPUT"))[:200]
-        assert save.splitlines().count(f"-A OUTPUT -o {p.iface_a} -j {chain_out}") == 1
-        if interference == "reorder":
-            assert "-A OUTPUT -p udp -j ACCEPT" in save   # not ours: left alone
+        for table in ("filter", "security"):
+            save = p.a.run("iptables-legacy-save", "-t", table).stdout
+            outputs = [line for line in save.splitlines() if line.startswith("-A OUTPUT")]
+            assert outputs.count(f"-A OUTPUT -o {p.iface_a} -j {chain_out}") == 1, table
+            if interference == "reorder":
+                assert outputs[:2] == ["-A OUTPUT -o {} -j {}".format(p.iface_a, chain_out),
+                                       "-A OUTPUT -p udp -j ACCEPT"], table   # ours first again; theirs left alone
         conn = json.loads(client.stdout.readline())
         client.stdin.close()
         client.wait(60)

@@ -211,8 +211,8 @@ def test_restart_harvests_leftover_rules(netpair):
         assert "unknown" in rec["note"] and rec["out_bytes"] > 200_000 and rec["in_bytes"] > 0
         assert svc2.get("/status")[1]["installed_rules"] == 0
         jumps = [line for line in ours_left(p.a) if line.startswith("-A INPUT") or line.startswith("-A OUTPUT")]
-        # One jump into our chains from INPUT and OUTPUT of filter and mangle, for IPv4 and IPv6.
-        assert len(jumps) == 8, jumps
+        # One jump into our chains from INPUT and OUTPUT of filter, security and mangle, for IPv4 and IPv6.
+        assert len(jumps) == 12, jumps
     finally:
         c.stdin.close()
         svc2.stop()

@@ -1,0 +1,79 @@
+"""Which table a connection's rules go in, and what happens when one table fails (unit tests with
+fake tables; tests/test_many_live_connections.py checks the real ones)."""
+import socket
+
+import pytest
+
+from fakes import FakeFirewall
+from profiler.chains import Counters, RuleSpec
+from profiler.errors import FirewallError, PartialChange
+from profiler.shards import ShardedFirewall, shard_of
+
+
+def spec(cid, lport, rport=443):
+    return RuleSpec(cid, "eth9", socket.AF_INET, "10.231.0.1", lport, "10.231.0.2", rport)
+
+
+@pytest.fixture
+def parts():
+    filter_part, security_part = FakeFirewall(), FakeFirewall()
+    security_part.table = "security"
+    return filter_part, security_part, ShardedFirewall(filter_part, security_part)
+
+
+def test_alternate_port_blocks_go_to_alternate_tables_filed_under_the_larger_port():
+    assert [shard_of(spec("c", port)) for port in (32768, 36863, 36864, 40960, 45056, 60999)] == [0, 0, 1, 0, 1, 0]
+    assert shard_of(spec("server", 443, rport=36864)) == 1      # a tracked server: the client's port
+
+
+def test_rules_are_added_and_removed_in_the_table_of_their_block(parts):
+    filter_part, security_part, fw = parts
+    fw.setup()
+    a, b = spec("a", 33000), spec("b", 37000)
+    fw.apply(add=[a, b])
+    assert set(filter_part.installed) == {"a"} and set(security_part.installed) == {"b"}
+    assert fw.installed == {"a", "b"} and fw.rule_count == 4
+    assert fw.commit_group(a) != fw.commit_group(b)
+    filter_part.counters["a"], security_part.counters["b"] = Counters(1, 10, 2, 20), Counters(3, 30, 4, 40)
+    assert fw.read([a, b]) == {"a": Counters(1, 10, 2, 20), "b": Counters(3, 30, 4, 40)}
+    assert fw.apply(remove=[a, b]) == {"a": Counters(1, 10, 2, 20), "b": Counters(3, 30, 4, 40)}
+    assert fw.installed == set() and filter_part.installed == {} == security_part.installed
+
+
+def test_after_a_restart_kept_rules_stay_in_the_table_they_were_found_in(parts):
+    filter_part, security_part, fw = parts
+    old = spec("old", 37000)             # an older version put every rule in filter
+    filter_part.found = {"old"}
+    fw.setup(keep={"old": old})
+    assert set(filter_part.installed) == {"old"} and security_part.installed == {}
+    filter_part.counters["old"] = Counters(5, 500, 6, 600)
+    assert fw.apply(remove=[old]) == {"old": Counters(5, 500, 6, 600)}
+    fw.apply(add=[spec("new", 37001)])
+    assert set(security_part.installed) == {"new"}
+
+
+def test_without_a_security_table_every_rule_goes_in_filter(parts, caplog):
+    filter_part, security_part, fw = parts
+    security_part.fail_next = True
+    fw.setup()
+    assert "security table cannot be used" in caplog.text
+    fw.apply(add=[spec("a", 33000), spec("b", 37000)])
+    assert set(filter_part.installed) == {"a", "b"} and security_part.installed == {}
+    assert fw.commit_group(spec("a", 33000)) == fw.commit_group(spec("b", 37000))
+
+
+def test_a_failure_in_the_second_table_reports_what_the_first_one_did(parts):
+    filter_part, security_part, fw = parts
+    fw.setup()
+    a, b = spec("a", 33000), spec("b", 37000)
+    fw.apply(add=[a])
+    filter_part.counters["a"] = Counters(1, 10, 1, 10)
+    security_part.fail_next = True
+    with pytest.raises(PartialChange) as caught:
+        fw.apply(add=[b], remove=[a])
+    assert caught.value.done == {"a"} and caught.value.harvested == {"a": Counters(1, 10, 1, 10)}
+    assert fw.installed == set()
+    filter_part.fail_next = True          # nothing made at all: a plain failure
+    with pytest.raises(FirewallError) as caught:
+        fw.apply(add=[spec("c", 33001)])
+    assert not isinstance(caught.value, PartialChange)
