@@ -53,6 +53,9 @@ class Config:
     capture_buffer: int = 32 * 1024 * 1024
     # Seconds a finished job's Prometheus series stay before they are dropped.
     metrics_retention: float = 300.0
+    # Where connection rules go: "filter security" (half in each: each commit replaces half as
+    # much) or "filter" (all counted at the same point, before filter's own rules decide).
+    rule_tables: str = "filter security"
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -109,6 +112,13 @@ def _choice(key, raw, choices):
     value = raw.strip().lower()
     if value not in choices:
         raise ConfigError(key, f"{raw!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _rule_tables(key, raw):
+    value = " ".join(raw.replace(",", " ").lower().split())
+    if value not in ("filter security", "filter"):
+        raise ConfigError(key, f"{raw!r}: must be 'filter security' (half the rules in each) or 'filter'")
     return value
 
 
@@ -179,6 +189,7 @@ _PARSERS = {
     "STATE_FILE": ("state_file", None),
     "MEMBERSHIP": ("membership", lambda k, v: _choice(k, v, ("tree", "cgroup"))),
     "CAPTURE_BUFFER": ("capture_buffer", lambda k, v: _positive_int(k, v, 4096)),
+    "RULE_TABLES": ("rule_tables", lambda k, v: _rule_tables(k, v)),
 }
 KNOWN_KEYS = tuple(_PARSERS)
 

@@ -190,7 +190,7 @@ class Profiler(Attribution, Restart, Requests):
                     held_since = held_since or time.perf_counter()
                     if (len(self._held_releases) >= HELD_FLUSH_COUNT
                             or time.perf_counter() - held_since >= HELD_FLUSH_AFTER):
-                        self._guard(self.flush)
+                        self._guard(self.flush, False, True)
                         held_since = None
             if self._unresolved:
                 self._guard(self.resolve_accepted)
@@ -201,7 +201,7 @@ class Profiler(Attribution, Restart, Requests):
                 # Harvest when CLOSE_LINGER is up, not at the next sweep: records come half a
                 # second sooner on average, and a burst of closes is not held back for it.
                 self._guard(self._harvest_lingered, self.clock.monotonic())
-            self._guard(self.flush, True)
+            self._guard(self.flush, True, True)
             if self._unresolved:
                 # The flush released held SYNs: a worker may accept and serve within milliseconds.
                 self._guard(self.resolve_accepted)
@@ -484,10 +484,12 @@ class Profiler(Attribution, Restart, Requests):
         self._dirty_jobs.clear(), self._dropped_jobs.clear(), self._dirty_procs.clear()
         self._dropped_procs.clear(), self._new_records.clear(), self._gone_conns.clear()
 
-    def flush(self, defer_harvest=False):
+    def flush(self, defer_harvest=False, for_held=False):
         """Commit what is pending. With `defer_harvest`, removals alone wait up to HARVEST_BATCH_WAIT
         to share a commit with others: each commit rewrites the whole table, and a closed
-        connection's counters no longer move."""
+        connection's counters no longer move. With `for_held` (the loop's flushes, never one whose
+        caller needs the harvest done: EndProfile, the garbage collector), removals in a table no
+        new rule goes in wait for the next flush, so that held SYNs do not wait for them."""
         if defer_harvest and self._pending_remove and not self._pending_add and not self._held_releases:
             now = self.clock.monotonic()
             if self._remove_since is None:
@@ -500,11 +502,15 @@ class Profiler(Attribution, Restart, Requests):
         removes = list(self._pending_remove.values())
         releases, self._held_releases = self._held_releases, []
         self._pending_add, self._pending_remove = {}, {}
-        if releases and removes and (since is None or self.clock.monotonic() - since < HARVEST_BATCH_WAIT):
+        if (for_held and releases and removes
+                and (since is None or self.clock.monotonic() - since < HARVEST_BATCH_WAIT)):
             # Held SYNs wait for the commits of the tables their rules go in, not for another
-            # table's harvest: that one waits for the next flush, HARVEST_BATCH_WAIT at most.
+            # table's harvest: that one waits for the next flush, HARVEST_BATCH_WAIT at most. Never
+            # a pair whose 4-tuple a new connection takes: it must be gone before the new one counts.
             groups = {self.firewall.commit_group(s) for _, s in adds}
-            later = {c.cid: (c, s) for c, s in removes if self.firewall.commit_group(s) not in groups}
+            taken = {(s.family, s.local, s.lport, s.remote, s.rport) for _, s in adds}
+            later = {c.cid: (c, s) for c, s in removes if self.firewall.commit_group(s) not in groups
+                     and (s.family, s.local, s.lport, s.remote, s.rport) not in taken}
             if later:
                 self._pending_remove = later
                 self._remove_since = since if since is not None else self.clock.monotonic()

@@ -272,6 +272,7 @@ class IptablesFirewall(RawPath):
         self.lock = lock or XtablesLock()
         self.queue_num = queue_num
         self.table = table
+        self.families = (socket.AF_INET, socket.AF_INET6)   # where setup() and verify() look
         self._families = {}
         self._mangles = {}
         self._installed = {}  # cid -> RuleSpec
@@ -349,19 +350,21 @@ class IptablesFirewall(RawPath):
 
     # --- setup and teardown -------------------------------------------------
 
-    def setup(self, keep=None):
+    def setup(self, keep=None, families=None):
         """Take over what an earlier run left, and make our chains and jumps exactly as they should be.
 
         `keep` ({cid: RuleSpec}) holds the connections the durable state still knows: their rule
         pairs stay in place and go on counting. Every other rule pair found is read, returned as a
         leftover to be logged (attributed from `keep` when it is there but on an interface no
         longer watched, else known by its 4-tuple alone), and removed. Idempotent: running it
-        twice leaves one set of chains, one jump each.
+        twice leaves one set of chains, one jump each. `families`: only these (default both).
         """
         keep = keep or {}
+        if families is not None:
+            self.families = tuple(families)
         leftovers = []
         run = int(time.time() * 1000)   # leftover ids must not repeat those of another start
-        for family in (socket.AF_INET, socket.AF_INET6):
+        for family in self.families:
             fam = self._fam(family)
             with self._cycle(fam):
                 specs = {cid: spec for cid, spec in keep.items() if spec.family == family}
@@ -377,7 +380,7 @@ class IptablesFirewall(RawPath):
                             src, sport, dst, dport = fam.template.tuple_of(key)
                             local, lport, remote, rport = ((dst, dport, src, sport) if direction == "I"
                                                            else (src, sport, dst, dport))
-                            spec = RuleSpec(f"left{run:x}.{self._fname(family)}.{len(specs)}",
+                            spec = RuleSpec(f"left{run:x}.{self.table}.{self._fname(family)}.{len(specs)}",
                                             iface, family, local, lport, remote, rport)
                             # The pair's other rule, if it is there, is the same connection.
                             other = next((owner[o] for o in self._keys(spec) if o in owner), None)
@@ -609,6 +612,30 @@ class IptablesFirewall(RawPath):
         """Only the leaves these connections' rules are in: a harvest reads a few small chains."""
         return sorted({path(spec, d)[1] for spec in specs for d in ("I", "O")})
 
+    def usable_families(self):
+        """The families whose table of ours the kernel has (iptable_security may be missing)."""
+        usable = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                with self.lock.held():
+                    self._fam(family).table.refresh()
+                usable.append(family)
+            except (FirewallError, iptc.IPTCError) as exc:
+                log.warning("the %s %s table cannot be used: %s", self._fname(family), self.table, exc)
+                self._families.pop(family, None)
+        return usable
+
+    def installed_spec(self, cid):
+        return self._installed[cid]
+
+    def rule_keys(self, spec):
+        """What tells the rules of `spec` apart in any of our tables: the same in filter and security."""
+        return self._keys(spec)
+
+    def holder_of(self, spec, keys=None):
+        """The id under which a pair with the rules of `spec` (its 4-tuple) is installed, or None."""
+        return next((self._owner[k] for k in keys or self._keys(spec) if k in self._owner), None)
+
     def commit_group(self, spec):
         """Changes of specs in one group share a commit: one family's table."""
         return spec.family
@@ -697,7 +724,7 @@ class IptablesFirewall(RawPath):
         is taken as untouched: reading every rule of a large table costs a good part of a second.
         """
         fixes, missing = [], set()
-        for family in {s.family for s in self._installed.values()} | {socket.AF_INET}:
+        for family in {s.family for s in self._installed.values()} | ({socket.AF_INET} & set(self.families)):
             fam = self._fam(family)
             key = (family, fam.table.name)
             if not full and key not in self._foreign and self._committed.get(key) is not None:

@@ -285,9 +285,11 @@ def build_service(config):
     except Exception as exc:
         raise ProfilerError(f"cannot open the state file {config.state_file}: {exc}") from None
     filter_part = IptablesFirewall(config.interfaces, queue_num=config.queue_num if config.hold_syns else None)
-    # The same lock object: one writer, and our own commits are not taken for another program's.
-    firewall = ShardedFirewall(filter_part, IptablesFirewall(config.interfaces, lock=filter_part.lock,
-                                                             table="security"))
+    firewall = filter_part
+    if config.rule_tables == "filter security":
+        # The same lock object: one writer, and our own commits are not taken for another program's.
+        firewall = ShardedFirewall(filter_part, IptablesFirewall(config.interfaces, lock=filter_part.lock,
+                                                                 table="security"))
     return Service(config, firewall=firewall, processes=ProcessTable(), sockets=SockDiag(),
                    sink=RollingLogSink(config.log_dir, config.max_bytes, config.backup_count, config.log_format,
                                        config.internal_networks),

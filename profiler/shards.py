@@ -12,6 +12,7 @@ until they are removed. Without the security table (a kernel built without it) e
 goes in filter.
 """
 import logging
+import socket
 
 from .errors import FirewallError, PartialChange
 
@@ -32,6 +33,7 @@ class ShardedFirewall:
         self.primary = primary          # filter; it also owns the SYN hold chains in mangle
         self._parts = [primary, secondary]
         self._where = {}                # cid -> index in _parts of the table holding its rules
+        self._split = {socket.AF_INET, socket.AF_INET6}    # families that use the security table
 
     @property
     def queue_num(self):
@@ -60,21 +62,24 @@ class ShardedFirewall:
     def _index(self, spec):
         i = self._where.get(spec.cid)
         if i is None:
-            i = shard_of(spec) if len(self._parts) > 1 else 0
+            i = shard_of(spec) if spec.family in self._split else 0
         return i
 
     def commit_group(self, spec):
         return (spec.family, self._index(spec))
 
     def setup(self, keep=None):
+        """Both tables taken over as IptablesFirewall.setup does. A family whose security table the
+        kernel does not have puts all its rules in filter; one that fails otherwise stops the start."""
         leftovers = self.primary.setup(keep)
         if len(self._parts) > 1:
-            try:
-                leftovers += self._parts[1].setup(keep)
-            except FirewallError as exc:
-                log.warning("every connection rule goes in the filter table: the security table cannot be used (%s)",
-                            exc)
+            usable = self._parts[1].usable_families()
+            if usable:
+                leftovers += self._parts[1].setup(keep, families=usable)
+            else:
+                log.warning("every connection rule goes in the filter table: the security table cannot be used")
                 del self._parts[1:]
+            self._split = set(usable)
         # A kept connection goes on counting where its rules were found.
         self._where = {cid: i for i, part in enumerate(self._parts) for cid in part.installed}
         return leftovers
@@ -82,13 +87,31 @@ class ShardedFirewall:
     def apply(self, add=(), remove=()):
         """As IptablesFirewall.apply, one commit per table and family. Raises PartialChange when
         a commit failed after another was made."""
-        by_part = {}
+        by_part, removing, stale, first = {}, {s.cid for s in remove}, [], set()
         for spec in add:
-            by_part.setdefault(self._index(spec), ([], []))[0].append(spec)
+            i = self._index(spec)
+            by_part.setdefault(i, ([], []))[0].append(spec)
+            # A pair still installed with this 4-tuple (its removal failed and was given up, or it
+            # was kept from before a restart): in this table its own part removes it; in the
+            # other it must be read and removed first, or both would count the new connection.
+            keys = self.primary.rule_keys(spec)
+            for j, part in enumerate(self._parts):
+                other = part.holder_of(spec, keys)
+                if other in (None, spec.cid):
+                    continue
+                stale.append((j, other))
+                if j != i and other not in removing:
+                    log.error("removing the stale rules of %s in %s: a new connection has their 4-tuple",
+                              other, part.table)
+                    by_part.setdefault(j, ([], []))[1].append(part.installed_spec(other))
+                    removing.add(other)
+                if j != i:
+                    first.add(j)
         for spec in remove:
             by_part.setdefault(self._index(spec), ([], []))[1].append(spec)
         harvested, done = {}, set()
-        for i, (adds, gone) in sorted(by_part.items()):
+        for i in sorted(by_part, key=lambda i: (i not in first, i)):
+            adds, gone = by_part[i]
             try:
                 harvested.update(self._parts[i].apply(adds, gone))
             except PartialChange as exc:
@@ -101,6 +124,9 @@ class ShardedFirewall:
             self._settle(i, adds, gone)
             done.update(s.cid for s in adds)
             done.update(s.cid for s in gone)
+        for j, cid in stale:
+            if self._where.get(cid) == j and cid not in self._parts[j].installed:
+                del self._where[cid]
         return harvested
 
     def _settle(self, i, adds, gone):

@@ -20,18 +20,30 @@ class FakeFirewall:
         self.group_of = lambda spec: spec.family     # which specs share a commit (one table)
         self.partial = None      # (done cids, harvested) for the next apply to raise PartialChange with
         self.found = set()       # cids whose rules setup() finds in place
+        self.usable = [socket.AF_INET, socket.AF_INET6]     # families whose table exists
         self.table = "filter"
 
     @property
     def rule_count(self):
         return 2 * len(self.installed)
 
-    def setup(self, keep=None):
-        if self.fail_next:
-            self.fail_next = False
-            raise FirewallError("injected failure: no such table")
+    def setup(self, keep=None, families=None):
+        self.families = families
         self.installed.update({cid: spec for cid, spec in (keep or {}).items() if cid in self.found})
         return []
+
+    def usable_families(self):
+        return list(self.usable)
+
+    def rule_keys(self, spec):
+        return (spec.family, spec.local, spec.lport, spec.remote, spec.rport)
+
+    def holder_of(self, spec, keys=None):
+        keys = keys or self.rule_keys(spec)
+        return next((cid for cid, s in self.installed.items() if self.rule_keys(s) == keys), None)
+
+    def installed_spec(self, cid):
+        return self.installed[cid]
 
     def commit_group(self, spec):
         return self.group_of(spec)

@@ -15,12 +15,14 @@ def test_defaults_and_default_route(tmp_path):
     assert (cfg.max_bytes, cfg.backup_count, cfg.rules_threshold) == (1048576, 100, 1000)
     assert cfg.bind_address == "127.0.0.1"
     assert cfg.log_dir.endswith("logs")
+    assert cfg.rule_tables == "filter security"
 
 
 def test_values_and_lists(tmp_path):
     cfg = parse_config("[CONFIG]\nINTERFACE = eth0, eth1\nMAX_BYTES = 10\nLOG_DIR = out\n"
-                       "INTERNAL_NETWORKS = 10.0.0.0/8, fd00::/8\nLOG_FORMAT = both\n", base_dir=str(tmp_path))
-    assert cfg.interfaces == ("eth0", "eth1") and cfg.max_bytes == 10
+                       "INTERNAL_NETWORKS = 10.0.0.0/8, fd00::/8\nLOG_FORMAT = both\nRULE_TABLES = Filter\n",
+                       base_dir=str(tmp_path))
+    assert cfg.interfaces == ("eth0", "eth1") and cfg.max_bytes == 10 and cfg.rule_tables == "filter"
     assert cfg.log_dir == os.path.join(str(tmp_path), "out")
     assert cfg.internal_networks == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
     with pytest.raises(Exception):
@@ -38,6 +40,7 @@ def test_values_and_lists(tmp_path):
     ("LOG_FORMAT = xml", "LOG_FORMAT"),
     ("INTERNAL_NETWORKS = 10.0.0.0/33", "INTERNAL_NETWORKS"),
     ("HOLD_SYNS = maybe", "HOLD_SYNS"),
+    ("RULE_TABLES = mangle", "RULE_TABLES"),
 ])
 def test_bad_values_name_the_key(line, key):
     with pytest.raises(ConfigError) as err:

@@ -536,17 +536,17 @@ def test_a_held_syn_waits_for_its_own_table_not_for_another_table_s_harvest(env)
         close_conn(prof, socks, lport)
     clock.advance(2)
     prof.sweep()                                     # both wait to be harvested
-    prof.flush(defer_harvest=True)
+    prof.flush(defer_harvest=True, for_held=True)
     fw.order.clear()
     fw.commits = 0
     socks.connect(L, 5002, R, 80, inode=13)          # even: the other table
     released = []
     prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5002, R, 80), lambda: released.append(fw.commits))])
-    prof.flush(defer_harvest=True)
+    prof.flush(defer_harvest=True, for_held=True)
     assert released == [1] and fw.order == [("commit", [c.cid for c in prof.conns.values() if c.lport == 5002])]
     assert sink.records == [] and {odd.cid, same.cid} <= set(fw.installed)
     clock.advance(0.2)                               # HARVEST_BATCH_WAIT: the harvest's own commit
-    prof.flush(defer_harvest=True)
+    prof.flush(defer_harvest=True, for_held=True)
     assert sorted((r.lport, r.in_bytes, r.out_bytes) for r in sink.records) == [(5001, 120, 180), (5003, 60, 60)]
     # A held SYN of the same table takes the harvest along in its commit.
     open_conn(prof, socks, 5005, 11)
@@ -556,8 +556,40 @@ def test_a_held_syn_waits_for_its_own_table_not_for_another_table_s_harvest(env)
     prof.sweep()
     socks.connect(L, 5007, R, 80, inode=12)
     prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5007, R, 80), lambda: None)])
-    prof.flush(defer_harvest=True)
+    prof.flush(defer_harvest=True, for_held=True)
     assert five.cid not in fw.installed and [r.lport for r in sink.records][-1] == 5005
+
+
+def test_end_profile_gets_every_harvest_even_while_a_syn_is_held(env):
+    prof, fw, procs, socks, sink, clock = env
+    fw.group_of = lambda spec: spec.lport % 2
+    register(prof, procs, inodes={11, 12})
+    open_conn(prof, socks, 5001, 11)
+    fw.counters[next(iter(prof.conns.values())).cid] = Counters(2, 120, 3, 180)
+    close_conn(prof, socks, 5001)
+    clock.advance(2)
+    prof.sweep()
+    socks.connect(L, 5002, R, 80, inode=12)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5002, R, 80), lambda: None)])
+    answer = prof.req_end_job("job#1")
+    assert [(c["lport"], c["in_bytes"], c["out_bytes"]) for c in answer["connections"] if c["lport"] == 5001] == [
+        (5001, 120, 180)]
+
+
+def test_a_pair_whose_4_tuple_a_held_syn_takes_is_removed_in_the_same_flush(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11, 12})
+    old = held_connection(prof, socks, 11, lport=5000)
+    fw.group_of = lambda spec: "old" if spec.cid == old.cid else "new"     # a pair left in the other table
+    fw.counters[old.cid] = Counters(2, 120, 3, 180)
+    close_conn(prof, socks, 5000)
+    clock.advance(2)
+    prof.sweep()
+    socks.connect(L, 5000, R, 80, inode=12)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
+    prof.flush(defer_harvest=True, for_held=True)
+    assert old.cid not in fw.installed and len(fw.installed) == 1
+    assert [(r.lport, r.in_bytes, r.out_bytes) for r in sink.records] == [(5000, 120, 180)]
 
 
 def test_a_change_made_in_one_table_and_not_in_the_other_keeps_what_was_made(env):

@@ -54,12 +54,35 @@ def test_after_a_restart_kept_rules_stay_in_the_table_they_were_found_in(parts):
 
 def test_without_a_security_table_every_rule_goes_in_filter(parts, caplog):
     filter_part, security_part, fw = parts
-    security_part.fail_next = True
+    security_part.usable = []
     fw.setup()
     assert "security table cannot be used" in caplog.text
     fw.apply(add=[spec("a", 33000), spec("b", 37000)])
     assert set(filter_part.installed) == {"a", "b"} and security_part.installed == {}
     assert fw.commit_group(spec("a", 33000)) == fw.commit_group(spec("b", 37000))
+
+
+def test_a_family_without_a_security_table_puts_its_rules_in_filter(parts):
+    filter_part, security_part, fw = parts
+    security_part.usable = [socket.AF_INET]          # ip6table_security missing
+    fw.setup()
+    assert security_part.families == [socket.AF_INET]
+    v6 = RuleSpec("v6", "eth9", socket.AF_INET6, "fd00:231::1", 37000, "fd00:231::2", 443)
+    fw.apply(add=[spec("v4", 37000), v6])
+    assert set(security_part.installed) == {"v4"} and set(filter_part.installed) == {"v6"}
+
+
+def test_a_pair_kept_in_the_other_table_with_a_new_connection_s_4_tuple_is_removed_first(parts):
+    filter_part, security_part, fw = parts
+    filter_part.order = security_part.order = []     # one list: the order of both tables' commits
+    old = spec("old", 37000)                          # kept in filter from before a restart
+    filter_part.found = {"old"}
+    fw.setup(keep={"old": old})
+    filter_part.counters["old"] = Counters(5, 500, 6, 600)
+    harvested = fw.apply(add=[spec("new", 37000)])    # its block is security's
+    assert filter_part.order == [("commit", []), ("commit", ["new"])]
+    assert harvested == {"old": Counters(5, 500, 6, 600)}
+    assert filter_part.installed == {} and set(security_part.installed) == {"new"} and fw.installed == {"new"}
 
 
 def test_a_failure_in_the_second_table_reports_what_the_first_one_did(parts):
@@ -77,3 +100,14 @@ def test_a_failure_in_the_second_table_reports_what_the_first_one_did(parts):
     with pytest.raises(FirewallError) as caught:
         fw.apply(add=[spec("c", 33001)])
     assert not isinstance(caught.value, PartialChange)
+
+
+def test_the_table_holding_the_old_pair_commits_first_whichever_it_is(parts):
+    filter_part, security_part, fw = parts
+    order = filter_part.order = security_part.order = []
+    old = spec("old", 33000)                          # filter's block, but found in security
+    security_part.found = {"old"}
+    fw.setup(keep={"old": old})
+    fw.apply(add=[spec("new", 33000)])
+    assert order == [("commit", []), ("commit", ["new"])]
+    assert security_part.installed == {} and set(filter_part.installed) == {"new"}
