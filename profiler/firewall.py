@@ -613,16 +613,18 @@ class IptablesFirewall(RawPath):
         return sorted({path(spec, d)[1] for spec in specs for d in ("I", "O")})
 
     def usable_families(self):
-        """The families whose table of ours the kernel has (iptable_security may be missing)."""
+        """The families whose table of ours the kernel has (iptable_security may be missing). Only
+        a table that cannot be opened is left out: a lock held too long stops the start."""
         usable = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                with self.lock.held():
+            with self.lock.held():
+                try:
                     self._fam(family).table.refresh()
-                usable.append(family)
-            except (FirewallError, iptc.IPTCError) as exc:
-                log.warning("the %s %s table cannot be used: %s", self._fname(family), self.table, exc)
-                self._families.pop(family, None)
+                except (FirewallError, iptc.IPTCError) as exc:
+                    log.warning("the %s %s table cannot be used: %s", self._fname(family), self.table, exc)
+                    self._families.pop(family, None)
+                    continue
+            usable.append(family)
         return usable
 
     def installed_spec(self, cid):

@@ -285,11 +285,10 @@ def build_service(config):
     except Exception as exc:
         raise ProfilerError(f"cannot open the state file {config.state_file}: {exc}") from None
     filter_part = IptablesFirewall(config.interfaces, queue_num=config.queue_num if config.hold_syns else None)
-    firewall = filter_part
-    if config.rule_tables == "filter security":
-        # The same lock object: one writer, and our own commits are not taken for another program's.
-        firewall = ShardedFirewall(filter_part, IptablesFirewall(config.interfaces, lock=filter_part.lock,
-                                                                 table="security"))
+    # The same lock object: one writer, and our own commits are not taken for another program's. With
+    # RULE_TABLES = filter the security table is still looked at once, for pairs an earlier run left.
+    firewall = ShardedFirewall(filter_part, IptablesFirewall(config.interfaces, lock=filter_part.lock, table="security"),
+                               split=config.rule_tables == "filter security")
     return Service(config, firewall=firewall, processes=ProcessTable(), sockets=SockDiag(),
                    sink=RollingLogSink(config.log_dir, config.max_bytes, config.backup_count, config.log_format,
                                        config.internal_networks),

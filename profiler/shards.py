@@ -29,11 +29,13 @@ def shard_of(spec):
 class ShardedFirewall:
     """The netfilter adapter's interface, over one IptablesFirewall per table."""
 
-    def __init__(self, primary, secondary):
+    def __init__(self, primary, secondary, split=True):
         self.primary = primary          # filter; it also owns the SYN hold chains in mangle
+        self._split_wanted = split
         self._parts = [primary, secondary]
         self._where = {}                # cid -> index in _parts of the table holding its rules
-        self._split = {socket.AF_INET, socket.AF_INET6}    # families that use the security table
+        # Families whose rules are split (set again by setup(): those whose security table exists).
+        self._split = {socket.AF_INET, socket.AF_INET6} if split else set()
 
     @property
     def queue_num(self):
@@ -70,16 +72,21 @@ class ShardedFirewall:
 
     def setup(self, keep=None):
         """Both tables taken over as IptablesFirewall.setup does. A family whose security table the
-        kernel does not have puts all its rules in filter; one that fails otherwise stops the start."""
+        kernel does not have puts all its rules in filter; any other failure stops the start.
+        Without the split (RULE_TABLES = filter) the security table is still taken over, so that
+        pairs an earlier run left there are read; its chains go once it holds none."""
         leftovers = self.primary.setup(keep)
-        if len(self._parts) > 1:
-            usable = self._parts[1].usable_families()
-            if usable:
-                leftovers += self._parts[1].setup(keep, families=usable)
-            else:
+        usable = self._parts[1].usable_families() if len(self._parts) > 1 else []
+        if usable:
+            leftovers += self._parts[1].setup(keep, families=usable)
+            if not self._split_wanted and not self._parts[1].installed:
+                self._parts[1].teardown()
+                usable = []
+        if not usable and len(self._parts) > 1:
+            if self._split_wanted:
                 log.warning("every connection rule goes in the filter table: the security table cannot be used")
-                del self._parts[1:]
-            self._split = set(usable)
+            del self._parts[1:]
+        self._split = set(usable) if self._split_wanted else set()
         # A kept connection goes on counting where its rules were found.
         self._where = {cid: i for i, part in enumerate(self._parts) for cid in part.installed}
         return leftovers
@@ -87,46 +94,53 @@ class ShardedFirewall:
     def apply(self, add=(), remove=()):
         """As IptablesFirewall.apply, one commit per table and family. Raises PartialChange when
         a commit failed after another was made."""
-        by_part, removing, stale, first = {}, {s.cid for s in remove}, [], set()
+        by_part, early, stale = {}, {}, []
+        for spec in remove:
+            by_part.setdefault(self._index(spec), ([], []))[1].append(spec)
+        removing = {s.cid for s in remove}
         for spec in add:
             i = self._index(spec)
             by_part.setdefault(i, ([], []))[0].append(spec)
             # A pair still installed with this 4-tuple (its removal failed and was given up, or it
-            # was kept from before a restart): in this table its own part removes it; in the
-            # other it must be read and removed first, or both would count the new connection.
+            # was kept from before a restart): in this table its own part removes it in the same
+            # commit; in another, a commit of that table that removes it comes before any add, or
+            # both pairs would count the new connection's packets in between.
             keys = self.primary.rule_keys(spec)
             for j, part in enumerate(self._parts):
                 other = part.holder_of(spec, keys)
                 if other in (None, spec.cid):
                     continue
                 stale.append((j, other))
-                if j != i and other not in removing:
+                if j == i or other in early.get(j, {}):
+                    continue
+                if other not in removing:
                     log.error("removing the stale rules of %s in %s: a new connection has their 4-tuple",
                               other, part.table)
-                    by_part.setdefault(j, ([], []))[1].append(part.installed_spec(other))
-                    removing.add(other)
-                if j != i:
-                    first.add(j)
-        for spec in remove:
-            by_part.setdefault(self._index(spec), ([], []))[1].append(spec)
+                early.setdefault(j, {})[other] = part.installed_spec(other)
+        steps = [(j, [], list(gone.values())) for j, gone in sorted(early.items())]
+        for i, (adds, gone) in sorted(by_part.items()):
+            gone = [s for s in gone if s.cid not in early.get(i, {})]
+            if adds or gone:
+                steps.append((i, adds, gone))
         harvested, done = {}, set()
-        for i in sorted(by_part, key=lambda i: (i not in first, i)):
-            adds, gone = by_part[i]
-            try:
-                harvested.update(self._parts[i].apply(adds, gone))
-            except PartialChange as exc:
-                self._settle(i, [s for s in adds if s.cid in exc.done], [s for s in gone if s.cid in exc.done])
-                raise PartialChange(str(exc), done | exc.done, {**harvested, **exc.harvested}) from None
-            except FirewallError as exc:
-                if not done:
-                    raise
-                raise PartialChange(str(exc), done, harvested) from None
-            self._settle(i, adds, gone)
-            done.update(s.cid for s in adds)
-            done.update(s.cid for s in gone)
-        for j, cid in stale:
-            if self._where.get(cid) == j and cid not in self._parts[j].installed:
-                del self._where[cid]
+        try:
+            for i, adds, gone in steps:
+                try:
+                    harvested.update(self._parts[i].apply(adds, gone))
+                except PartialChange as exc:
+                    self._settle(i, [s for s in adds if s.cid in exc.done], [s for s in gone if s.cid in exc.done])
+                    raise PartialChange(str(exc), done | exc.done, {**harvested, **exc.harvested}) from None
+                except FirewallError as exc:
+                    if not done:
+                        raise
+                    raise PartialChange(str(exc), done, harvested) from None
+                self._settle(i, adds, gone)
+                done.update(s.cid for s in adds)
+                done.update(s.cid for s in gone)
+        finally:
+            for j, cid in stale:       # removed by their part's own stale check, or above
+                if self._where.get(cid) == j and cid not in self._parts[j].installed:
+                    del self._where[cid]
         return harvested
 
     def _settle(self, i, adds, gone):

@@ -111,3 +111,45 @@ def test_the_table_holding_the_old_pair_commits_first_whichever_it_is(parts):
     fw.apply(add=[spec("new", 33000)])
     assert order == [("commit", []), ("commit", ["new"])]
     assert security_part.installed == {} and set(filter_part.installed) == {"new"}
+
+
+def test_stale_pairs_in_both_tables_are_removed_before_either_table_gets_a_new_pair(parts):
+    filter_part, security_part, fw = parts
+    order = filter_part.order = security_part.order = []
+    x, y = spec("x", 33000), spec("y", 37000)       # each kept in the table its block is not
+    security_part.found, filter_part.found = {"x"}, {"y"}
+    fw.setup(keep={"x": x, "y": y})
+    fw.apply(add=[spec("a", 33000), spec("b", 37000)])
+    assert order == [("commit", []), ("commit", []), ("commit", ["a"]), ("commit", ["b"])]
+    assert set(filter_part.installed) == {"a"} and set(security_part.installed) == {"b"}
+    assert fw.installed == {"a", "b"}
+
+
+def test_without_the_split_pairs_left_in_security_are_still_taken_over():
+    filter_part, security_part = FakeFirewall(), FakeFirewall()
+    left = spec("left", 37000)
+    security_part.found = {"left"}
+    fw = ShardedFirewall(filter_part, security_part, split=False)
+    fw.setup(keep={"left": left})
+    assert set(security_part.installed) == {"left"}      # counting on where it was, until removed
+    security_part.counters["left"] = Counters(1, 10, 1, 10)
+    assert fw.apply(remove=[left]) == {"left": Counters(1, 10, 1, 10)}
+    fw.apply(add=[spec("new", 37001)])
+    assert set(filter_part.installed) == {"new"}
+    # Nothing left there at the start: the security table is given up at once.
+    empty_filter, empty_security = FakeFirewall(), FakeFirewall()
+    fw = ShardedFirewall(empty_filter, empty_security, split=False)
+    fw.setup()
+    fw.apply(add=[spec("c", 37000)])
+    assert set(empty_filter.installed) == {"c"} and fw.tables == ["filter"]
+
+
+def test_a_lock_held_too_long_stops_the_start_instead_of_skipping_the_security_table():
+    from profiler.firewall import IptablesFirewall
+
+    class BusyLock:
+        def held(self):
+            raise FirewallError("the xtables lock is held by another program")
+
+    with pytest.raises(FirewallError, match="held by another program"):
+        IptablesFirewall(["eth9"], lock=BusyLock(), table="security").usable_families()
