@@ -19,6 +19,10 @@ def key(c):
 def test_hundreds_of_live_connections_in_both_blocks_are_exact(netpair, rule_tables):
     p = netpair
     svc = Service(p.a, [p.iface_a], RULES_THRESHOLD=5000, RULE_TABLES=rule_tables)
+    # Ephemeral ports across a 4,096-port block boundary on both sides (36864 and 40960), so that
+    # both tables get leaves whatever ports the kernel picks: 300 outgoing, 100 inbound.
+    p.a.run("sysctl", "-qw", "net.ipv4.ip_local_port_range=36500 37200")
+    p.b.run("sysctl", "-qw", "net.ipv4.ip_local_port_range=40800 41100")
     try:
         svc.start()
         cap = Capture(p.a, p.iface_a)
