@@ -189,7 +189,7 @@ _PARSERS = {
     "STATE_FILE": ("state_file", None),
     "MEMBERSHIP": ("membership", lambda k, v: _choice(k, v, ("tree", "cgroup"))),
     "CAPTURE_BUFFER": ("capture_buffer", lambda k, v: _positive_int(k, v, 4096)),
-    "RULE_TABLES": ("rule_tables", lambda k, v: _rule_tables(k, v)),
+    "RULE_TABLES": ("rule_tables", _rule_tables),
 }
 KNOWN_KEYS = tuple(_PARSERS)
 

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from .attribution import Attribution
-from .errors import FirewallError, NotReady, ProfilerError
+from .errors import FirewallError, NotReady, PartialChange, ProfilerError
 from .firewall import Counters, RuleSpec
 from .model import Connection, Record
 from .requests import Requests
@@ -508,9 +508,9 @@ class Profiler(Attribution, Restart, Requests):
             # table's harvest: that one waits for the next flush, HARVEST_BATCH_WAIT at most. Never
             # a pair whose 4-tuple a new connection takes: it must be gone before the new one counts.
             groups = {self.firewall.commit_group(s) for _, s in adds}
-            taken = {(s.family, s.local, s.lport, s.remote, s.rport) for _, s in adds}
-            later = {c.cid: (c, s) for c, s in removes if self.firewall.commit_group(s) not in groups
-                     and (s.family, s.local, s.lport, s.remote, s.rport) not in taken}
+            taken = {c.key for c, _ in adds}
+            later = {c.cid: (c, s) for c, s in removes
+                     if self.firewall.commit_group(s) not in groups and c.key not in taken}
             if later:
                 self._pending_remove = later
                 self._remove_since = since if since is not None else self.clock.monotonic()
@@ -528,8 +528,7 @@ class Profiler(Attribution, Restart, Requests):
         except FirewallError as exc:
             # Some tables' commits may have been made (PartialChange): those connections' rules are
             # in place, or harvested, all the same.
-            done = getattr(exc, "done", set())
-            harvested = getattr(exc, "harvested", {})
+            done, harvested = (exc.done, exc.harvested) if isinstance(exc, PartialChange) else (set(), {})
             now = self.clock.time()
             failed = [(c, s) for c, s in adds if c.cid not in done]
             log.error("netfilter change failed, %d new connections stay without rules: %s", len(failed), exc)

@@ -630,6 +630,9 @@ class IptablesFirewall(RawPath):
     def installed_spec(self, cid):
         return self._installed[cid]
 
+    def holds(self, cid):
+        return cid in self._installed
+
     def rule_keys(self, spec):
         """What tells the rules of `spec` apart in any of our tables: the same in filter and security."""
         return self._keys(spec)
@@ -642,8 +645,9 @@ class IptablesFirewall(RawPath):
         """Changes of specs in one group share a commit: one family's table."""
         return spec.family
 
-    def apply(self, add=(), remove=()):
+    def apply(self, add=(), remove=(), keys=None):
         """Install the pairs in `add`, read and remove those in `remove`, one commit per family.
+        `keys`: {cid: rule_keys(spec)} of pairs in `add` whose keys the caller already made.
 
         Returns {cid: Counters} for the removed pairs, read in the same locked
         cycle that removes them, so no counted byte falls between read and delete.
@@ -654,7 +658,7 @@ class IptablesFirewall(RawPath):
         for family in families:
             try:
                 got = self._apply_family(family, [s for s in add if s.family == family],
-                                         [s for s in remove if s.family == family])
+                                         [s for s in remove if s.family == family], keys or {})
             except FirewallError as exc:
                 if not done:
                     raise
@@ -664,13 +668,13 @@ class IptablesFirewall(RawPath):
             done.update(s.cid for s in remove if s.family == family)
         return harvested
 
-    def _apply_family(self, family, adds, gone):
+    def _apply_family(self, family, adds, gone, known_keys):
         harvested = {}
         fam = self._fam(family)
         # A pair still installed under another connection's id with a new one's 4-tuple (its
         # removal failed, and the profiler gave up on it): read and removed with the others,
         # or its counters would be summed into the new connection's.
-        keys = {spec.cid: self._keys(spec) for spec in adds}
+        keys = {spec.cid: known_keys.get(spec.cid) or self._keys(spec) for spec in adds}
         stale = {self._owner[k] for spec in adds for k in keys[spec.cid]
                  if self._owner.get(k) not in (None, spec.cid)} - {s.cid for s in gone}
         if stale:

@@ -94,7 +94,7 @@ class ShardedFirewall:
     def apply(self, add=(), remove=()):
         """As IptablesFirewall.apply, one commit per table and family. Raises PartialChange when
         a commit failed after another was made."""
-        by_part, early, stale = {}, {}, []
+        by_part, early, stale, keys = {}, {}, [], {}
         for spec in remove:
             by_part.setdefault(self._index(spec), ([], []))[1].append(spec)
         removing = {s.cid for s in remove}
@@ -105,9 +105,9 @@ class ShardedFirewall:
             # was kept from before a restart): in this table its own part removes it in the same
             # commit; in another, a commit of that table that removes it comes before any add, or
             # both pairs would count the new connection's packets in between.
-            keys = self.primary.rule_keys(spec)
+            keys[spec.cid] = self.primary.rule_keys(spec)
             for j, part in enumerate(self._parts):
-                other = part.holder_of(spec, keys)
+                other = part.holder_of(spec, keys[spec.cid])
                 if other in (None, spec.cid):
                     continue
                 stale.append((j, other))
@@ -126,7 +126,7 @@ class ShardedFirewall:
         try:
             for i, adds, gone in steps:
                 try:
-                    harvested.update(self._parts[i].apply(adds, gone))
+                    harvested.update(self._parts[i].apply(adds, gone, keys))
                 except PartialChange as exc:
                     self._settle(i, [s for s in adds if s.cid in exc.done], [s for s in gone if s.cid in exc.done])
                     raise PartialChange(str(exc), done | exc.done, {**harvested, **exc.harvested}) from None
@@ -139,7 +139,7 @@ class ShardedFirewall:
                 done.update(s.cid for s in gone)
         finally:
             for j, cid in stale:       # removed by their part's own stale check, or above
-                if self._where.get(cid) == j and cid not in self._parts[j].installed:
+                if self._where.get(cid) == j and not self._parts[j].holds(cid):
                     del self._where[cid]
         return harvested
 

@@ -107,6 +107,27 @@ def read_info(family, name):
     return buf.raw[32:size.value]
 
 
+class _Copies:
+    """Counters (16 bytes an entry) from the old table's place to the new one's, joined into one
+    memmove wherever consecutive entries stay consecutive: unchanged chains, most of a changed one."""
+
+    def __init__(self, new_base, old_base):
+        self.new_base, self.old_base = new_base, old_base
+        self.new = self.old = self.n = 0
+
+    def add(self, new, old, n):
+        if self.n and self.old + self.n == old and self.new + self.n == new:
+            self.n += n
+            return
+        self.flush()
+        self.new, self.old, self.n = new, old, n
+
+    def flush(self):
+        if self.n:
+            ctypes.memmove(self.new_base + 16 * self.new, self.old_base + 16 * self.old, 16 * self.n)
+        self.n = 0
+
+
 class RawTable:
     def __init__(self, family, name):
         self.family, self.name = family, name
@@ -323,34 +344,19 @@ class RawTable:
         # What each kept entry had counted goes to its new place; new entries start from zero.
         add = ctypes.create_string_buffer(_ADD_HEADER + 16 * count)
         struct.pack_into("=32sI", add, 0, self.name.encode(), count)
-        base, position, old_at = ctypes.addressof(add) + _ADD_HEADER, 0, ctypes.addressof(old)
-        run_new = run_old = run_n = 0        # chains left as they were, side by side in both tables
+        copies = _Copies(ctypes.addressof(add) + _ADD_HEADER, ctypes.addressof(old))
+        position = 0
         for c in self.chains:
-            n = c.n
             if not c.dirty:
-                if run_n and run_old + run_n == c.start and run_new + run_n == position:
-                    run_n += n
-                else:
-                    if run_n:
-                        ctypes.memmove(base + 16 * run_new, old_at + 16 * run_old, 16 * run_n)
-                    run_new, run_old, run_n = position, c.start, n
+                copies.add(position, c.start, c.n)
             else:
                 # New entries keep the buffer's zeros; kept ones, mostly side by side, move in runs.
-                at = position
-                for e in c.entries():
-                    i = e.index
-                    if i is not None:
-                        if run_n and run_old + run_n == i and run_new + run_n == at:
-                            run_n += 1
-                        else:
-                            if run_n:
-                                ctypes.memmove(base + 16 * run_new, old_at + 16 * run_old, 16 * run_n)
-                            run_new, run_old, run_n = at, i, 1
-                    at += 1
-            c.start, c.dirty, position = position, False, position + n
-        if run_n:
-            ctypes.memmove(base + 16 * run_new, old_at + 16 * run_old, 16 * run_n)
-        ctypes.memmove(base + 16 * position, old_at + 16 * (self.count - 1), 16)    # the trailer
+                for k, e in enumerate(c.entries()):
+                    if e.index is not None:
+                        copies.add(position + k, e.index, 1)
+            c.start, c.dirty, position = position, False, position + c.n
+        copies.add(position, self.count - 1, 1)     # the trailer
+        copies.flush()
         removed = {e: struct.unpack_from("=QQ", old, 16 * e.index) for e in self._removed}
         self.count, self._removed = count, []
         try:

@@ -45,10 +45,13 @@ class FakeFirewall:
     def installed_spec(self, cid):
         return self.installed[cid]
 
+    def holds(self, cid):
+        return cid in self.installed
+
     def commit_group(self, spec):
         return self.group_of(spec)
 
-    def apply(self, add=(), remove=()):
+    def apply(self, add=(), remove=(), keys=None):
         if self.partial is not None:
             done, harvested = self.partial
             self.partial = None

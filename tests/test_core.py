@@ -524,6 +524,19 @@ def test_a_removal_that_keeps_failing_is_recorded_as_vanished(env):
         (False, "rules vanished before they were read")]
 
 
+def harvest_due(prof, socks, clock, lport):
+    """The connection from `lport` closes and, its linger up, waits to be harvested."""
+    close_conn(prof, socks, lport)
+    clock.advance(2)
+    prof.sweep()
+
+
+def hold_syn(prof, socks, lport, inode, release=lambda: None):
+    """A SYN from a new socket `inode` at `lport`, held until its rules are committed."""
+    socks.connect(L, lport, R, 80, inode=inode)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, lport, R, 80), release)])
+
+
 def test_a_held_syn_waits_for_its_own_table_not_for_another_table_s_harvest(env):
     prof, fw, procs, socks, sink, clock = env
     fw.group_of = lambda spec: spec.lport % 2         # odd and even local ports: two tables
@@ -533,15 +546,12 @@ def test_a_held_syn_waits_for_its_own_table_not_for_another_table_s_harvest(env)
     odd, same = sorted(prof.conns.values(), key=lambda c: c.lport)
     fw.counters[odd.cid], fw.counters[same.cid] = Counters(2, 120, 3, 180), Counters(1, 60, 1, 60)
     for lport in (5001, 5003):
-        close_conn(prof, socks, lport)
-    clock.advance(2)
-    prof.sweep()                                     # both wait to be harvested
+        harvest_due(prof, socks, clock, lport)       # both wait to be harvested
     prof.flush(defer_harvest=True, for_held=True)
     fw.order.clear()
     fw.commits = 0
-    socks.connect(L, 5002, R, 80, inode=13)          # even: the other table
     released = []
-    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5002, R, 80), lambda: released.append(fw.commits))])
+    hold_syn(prof, socks, 5002, 13, lambda: released.append(fw.commits))     # even: the other table
     prof.flush(defer_harvest=True, for_held=True)
     assert released == [1] and fw.order == [("commit", [c.cid for c in prof.conns.values() if c.lport == 5002])]
     assert sink.records == [] and {odd.cid, same.cid} <= set(fw.installed)
@@ -551,11 +561,8 @@ def test_a_held_syn_waits_for_its_own_table_not_for_another_table_s_harvest(env)
     # A held SYN of the same table takes the harvest along in its commit.
     open_conn(prof, socks, 5005, 11)
     five = next(c for c in prof.conns.values() if c.lport == 5005)
-    close_conn(prof, socks, 5005)
-    clock.advance(2)
-    prof.sweep()
-    socks.connect(L, 5007, R, 80, inode=12)
-    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5007, R, 80), lambda: None)])
+    harvest_due(prof, socks, clock, 5005)
+    hold_syn(prof, socks, 5007, 12)
     prof.flush(defer_harvest=True, for_held=True)
     assert five.cid not in fw.installed and [r.lport for r in sink.records][-1] == 5005
 
@@ -566,11 +573,8 @@ def test_end_profile_gets_every_harvest_even_while_a_syn_is_held(env):
     register(prof, procs, inodes={11, 12})
     open_conn(prof, socks, 5001, 11)
     fw.counters[next(iter(prof.conns.values())).cid] = Counters(2, 120, 3, 180)
-    close_conn(prof, socks, 5001)
-    clock.advance(2)
-    prof.sweep()
-    socks.connect(L, 5002, R, 80, inode=12)
-    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5002, R, 80), lambda: None)])
+    harvest_due(prof, socks, clock, 5001)
+    hold_syn(prof, socks, 5002, 12)
     answer = prof.req_end_job("job#1")
     assert [(c["lport"], c["in_bytes"], c["out_bytes"]) for c in answer["connections"] if c["lport"] == 5001] == [
         (5001, 120, 180)]
@@ -582,11 +586,8 @@ def test_a_pair_whose_4_tuple_a_held_syn_takes_is_removed_in_the_same_flush(env)
     old = held_connection(prof, socks, 11, lport=5000)
     fw.group_of = lambda spec: "old" if spec.cid == old.cid else "new"     # a pair left in the other table
     fw.counters[old.cid] = Counters(2, 120, 3, 180)
-    close_conn(prof, socks, 5000)
-    clock.advance(2)
-    prof.sweep()
-    socks.connect(L, 5000, R, 80, inode=12)
-    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
+    harvest_due(prof, socks, clock, 5000)
+    hold_syn(prof, socks, 5000, 12)
     prof.flush(defer_harvest=True, for_held=True)
     assert old.cid not in fw.installed and len(fw.installed) == 1
     assert [(r.lport, r.in_bytes, r.out_bytes) for r in sink.records] == [(5000, 120, 180)]
