@@ -264,6 +264,10 @@ class Profiler(Attribution, Restart, Requests):
             if conn.inode and (ev.rst or (ev.fin and sent_by_local)):
                 # Closed by its process (or reset): the next socket will likely get its fd number.
                 self.processes.socket_closed(conn.inode)
+            elif conn.inode and ev.fin:
+                # Closed by the peer: its process will likely close it next, maybe before its FIN
+                # gets here, and open another socket in its place (a client's next request).
+                self.processes.socket_closing(conn.inode)
             if ev.rst:
                 self._end(conn, "reset", now)
             elif ev.fin:

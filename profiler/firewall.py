@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import iptc
 
-from .chains import CT_CHAIN, HOLD_IN, HOLD_OUT, PREFIX, Counters, RuleSpec, chain_info, chain_names, path
+from .chains import CT_CHAIN, HOLD_IN, HOLD_OUT, PREFIX, Counters, RuleSpec, chain_info, chain_names, outdated, path
 from .errors import FirewallError, PartialChange
 from .rawpath import RawPath, _add_count, _Unreadable
 from .xtlock import XtablesLock
@@ -52,6 +52,7 @@ class Leftover:
     """Counters of a rule pair found from an earlier run."""
     spec: RuleSpec
     counters: Counters
+    note: str = ""      # why a pair the durable state still knows was harvested, if it was
 
 
 def _host(addr):
@@ -366,10 +367,17 @@ class IptablesFirewall(RawPath):
         run = int(time.time() * 1000)   # leftover ids must not repeat those of another start
         for family in self.families:
             fam = self._fam(family)
+            # An earlier version's leaves hand their rules, with their counts, to this layout's;
+            # when that cannot be done they are harvested, and their connections get new rules.
+            if family not in self._no_raw:
+                self._relayout(fam)
             with self._cycle(fam):
                 specs = {cid: spec for cid, spec in keep.items() if spec.family == family}
                 owner = {k: cid for cid, spec in specs.items() for k in self._keys(spec)}
-                present = set()
+                # A rule's connection by its 4-tuple, whichever leaf it is in: the two rules of a
+                # pair may be found in leaves of an earlier layout.
+                by_tuple = {(s.interface, s.local, s.lport, s.remote, s.rport): cid for cid, s in specs.items()}
+                present, stranded = set(), set()
                 for name in self._leaves(fam):
                     _, direction, iface = chain_info(name)
                     for key, _, _ in self._raw_rules(fam, name):
@@ -380,19 +388,25 @@ class IptablesFirewall(RawPath):
                             src, sport, dst, dport = fam.template.tuple_of(key)
                             local, lport, remote, rport = ((dst, dport, src, sport) if direction == "I"
                                                            else (src, sport, dst, dport))
-                            spec = RuleSpec(f"left{run:x}.{self.table}.{self._fname(family)}.{len(specs)}",
-                                            iface, family, local, lport, remote, rport)
                             # The pair's other rule, if it is there, is the same connection.
-                            other = next((owner[o] for o in self._keys(spec) if o in owner), None)
+                            other = by_tuple.get((iface, local, lport, remote, rport))
                             if other is None:
-                                specs[spec.cid] = spec
-                                other = spec.cid
+                                other = f"left{run:x}.{self.table}.{self._fname(family)}.{len(specs)}"
+                                specs[other] = RuleSpec(other, iface, family, local, lport, remote, rport)
+                                by_tuple[(iface, local, lport, remote, rport)] = other
                             owner[k] = other
                         present.add(owner[k])
+                        if outdated(name):      # left there by an earlier layout, and not moved
+                            stranded.add(owner[k])
                 drop = {cid for cid in present if cid not in keep or specs[cid].interface not in self.interfaces}
-                for cid, counters in self._counters(fam, drop, delete=True, owner=owner).items():
-                    leftovers.append(Leftover(specs[cid], counters))
-                for cid in present - drop:
+                for cid, counters in self._counters(fam, drop | stranded, delete=True, owner=owner).items():
+                    note = ""
+                    if cid in keep and cid not in drop:
+                        note = ("its rules were in an earlier version's chain layout and could not be moved with "
+                                "their counts: this record holds what they counted up to the restart, the "
+                                "connection's next record what its new rules count")
+                    leftovers.append(Leftover(specs[cid], counters, note))
+                for cid in present - drop - stranded:
                     self._own(specs[cid])
                 self._ensure_structure(fam)
             if self.table != "filter":
@@ -450,7 +464,14 @@ class IptablesFirewall(RawPath):
                 existing.add(name)
                 fixes.append(f"chain {name} was missing")
         stale = [n for n in existing if n.startswith(PREFIX + "_") and n not in tops and n != CT_CHAIN
-                 and (chain_info(n) is None or chain_info(n)[2] not in self.interfaces)]
+                 and (chain_info(n) is None or chain_info(n)[2] not in self.interfaces or outdated(n))]
+        doomed = set(stale)
+        for name in existing - doomed:      # hops to a stale chain from one that stays
+            if name.startswith(PREFIX + "_") and doomed & set(fam.jumps(name)):
+                for index, target in reversed(list(enumerate(fam.jumps(name)))):
+                    if target in doomed and fam.table._iptc.iptc_delete_num_entry(
+                            name.encode(), index, fam.table._handle) != 1:
+                        raise iptc.IPTCError(f"cannot delete rule {index} of {name}")
         for name in stale:
             fam.chain(name).flush()
         for name in stale:

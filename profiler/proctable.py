@@ -40,6 +40,7 @@ class ProcessTable:
         self._fd_cache = {}   # pid -> {fd name: what it pointed to at the last look}
         self._socket_fd = {}  # socket inode -> (pid, fd name) where the cache last saw it
         self._suspect = {}    # pid -> fd names whose socket's connection has ended since
+        self._closing = {}    # pid -> fd names of sockets whose peer has closed (newest at the right)
         self._recent = {}     # pid -> the fd names of the sockets found last (newest at the right)
         self._top_fd = {}     # pid -> the highest descriptor number read
 
@@ -162,12 +163,20 @@ class ProcessTable:
         if where is not None:
             self._suspect.setdefault(where[0], set()).add(where[1])
 
+    def socket_closing(self, inode):
+        """The peer of socket `inode` has closed its side: its process will likely close the socket
+        soon, often before we hear of it, and the next socket it opens then takes that number."""
+        where = self._socket_fd.get(inode)
+        if where is not None:
+            self._closing.setdefault(where[0], deque(maxlen=RECENT_SOCKETS)).append(where[1])
+
     def forget(self, pid):
         """`pid` has exited: drop what the cache knows of it."""
         cache = self._fd_cache.pop(pid, {})
         for name in list(cache):
             self._drop(pid, name, cache)
         self._suspect.pop(pid, None)
+        self._closing.pop(pid, None)
         self._recent.pop(pid, None)
         self._top_fd.pop(pid, None)
 
@@ -237,7 +246,9 @@ class ProcessTable:
         fd_dir = f"{self._proc}/{pid}/fd"
         top = self._top_fd.get(pid, 0)
         suspects = self._suspect.pop(pid, set())
-        candidates = list(suspects) + [str(top + i) for i in range(1, (GUESS_ABOVE if thorough else 1) + 1)]
+        closing = self._closing.get(pid, ())
+        candidates = (list(suspects) + list(reversed(closing))
+                      + [str(top + i) for i in range(1, (GUESS_ABOVE if thorough else 1) + 1)])
         if thorough:
             candidates += reversed(self._recent.get(pid, ()))
             if len(cache) <= SMALL_PROCESS:
@@ -256,6 +267,8 @@ class ProcessTable:
         left = suspects - settled   # ended connections whose descriptor the process still holds
         if left:
             self._suspect.setdefault(pid, set()).update(left)
+        if closing and settled:
+            self._closing[pid] = deque((name for name in closing if name not in settled), maxlen=RECENT_SOCKETS)
         return found
 
     def _holds_reused(self, pid, needle):

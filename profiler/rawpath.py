@@ -10,7 +10,7 @@ left, or RAW_MAX_AGE has passed.
 import logging
 import time
 
-from .chains import CT_CHAIN, PREFIX, Counters, chain_info, chain_names, path
+from .chains import CT_CHAIN, PREFIX, Counters, RuleSpec, chain_info, chain_names, outdated, path
 from .errors import FirewallError
 from .xtblob import RawTable, TableChanged, UnknownLayout
 from .xtlock import LockWatch
@@ -80,7 +80,7 @@ class RawPath:
             for c in raw.chains:
                 info = chain_info(c.name)
                 if c.name.startswith(PREFIX + "_") and c.name not in tops and c.name != CT_CHAIN and (
-                        info is None or info[2] not in self.interfaces):
+                        info is None or info[2] not in self.interfaces or outdated(c.name)):
                     return False        # a chain we no longer use: the repair removes it
             if any(name not in raw for name in list(tops) + [CT_CHAIN]) or len(raw.rules(CT_CHAIN)) != 1:
                 return False
@@ -163,15 +163,7 @@ class RawPath:
                 jumps = {}
                 for spec in adds:
                     for direction, (leaf, four) in zip(("I", "O"), spec.tuples()):
-                        for hop in path(spec, direction)[0]:
-                            if hop.target not in raw:
-                                raw.add_chain(hop.target)
-                            known = jumps.get(hop.chain)
-                            if known is None:
-                                known = jumps[hop.chain] = set(raw.jumps(hop.chain))
-                            if hop.target not in known:
-                                raw.add_jump(hop.chain, fam.dispatch_matches(hop), hop.target, hop.goto)
-                                known.add(hop.target)
+                        self._raw_route(raw, fam, path(spec, direction)[0], jumps)
                         e = raw.insert(leaf, template.matches(*four))     # newest first
                         placed.setdefault(spec.cid, []).append((leaf, e, direction == "I"))
                 final = raw.commit()
@@ -188,3 +180,67 @@ class RawPath:
             _add_count(found, cid, inbound, *final[e])
         return found
 
+
+    @staticmethod
+    def _raw_route(raw, fam, hops, jumps):
+        """The chains and dispatch rules of `hops`, where missing. `jumps`: {chain: its targets},
+        filled as chains are first looked at."""
+        for hop in hops:
+            if hop.target not in raw:
+                raw.add_chain(hop.target)
+            known = jumps.get(hop.chain)
+            if known is None:
+                known = jumps[hop.chain] = set(raw.jumps(hop.chain))
+            if hop.target not in known:
+                raw.add_jump(hop.chain, fam.dispatch_matches(hop), hop.target, hop.goto)
+                known.add(hop.target)
+
+    def _relayout(self, fam):
+        """The rules an earlier version left in leaves of the two-level layout (chains.outdated) go to
+        this layout's leaves in one commit, each entry moved with its count, so that no packet is
+        missed or counted twice; the old leaves and the hops to them go. Returns how many rules
+        moved, or None when xtblob cannot read the table (setup then harvests them as leftovers)."""
+        template, moved, jumps = fam.template, 0, {}
+        with self.lock.held():
+            self._raw.pop(fam.family, None)
+            try:
+                raw = self._raw_table(fam)
+            except _Unreadable:
+                return None
+            old = sorted(c.name for c in raw.chains if outdated(c.name))
+            if not old:
+                return 0
+            try:
+                for name in old:
+                    _, direction, iface = chain_info(name)
+                    into = {}
+                    for e in raw.rules(name):
+                        k = template.key_of(e.raw)
+                        if k is None:
+                            continue        # not a connection rule: it goes with the chain
+                        src, sport, dst, dport = template.tuple_of(k)
+                        local = (dst, dport, src, sport) if direction == "I" else (src, sport, dst, dport)
+                        hops, leaf = path(RuleSpec("", iface, fam.family, *local), direction)
+                        self._raw_route(raw, fam, hops, jumps)
+                        into.setdefault(leaf, []).append(e)
+                    for leaf, entries in into.items():
+                        raw.move(name, entries, leaf)
+                        moved += len(entries)
+                gone = set(old)
+                for c in list(raw.chains):
+                    hops = [e for e in c.rules if e.jump is not None and e.jump[0] == "chain" and e.jump[1] in gone]
+                    if hops:
+                        raw.remove(c.name, hops)
+                for name in old:
+                    raw.remove_chain(name)
+                raw.commit()
+            except UnknownLayout:
+                self._raw.pop(fam.family, None)
+                return None
+            except BaseException:
+                self._raw.pop(fam.family, None)
+                raise
+            self._committed[(fam.family, fam.table.name)] = self._summary((fam.family, fam.table.name))
+        log.warning("moved %d rules of the %s %s table from %d leaves of the earlier two-level layout into "
+                    "this layout's, with their counts", moved, self._fname(fam.family), self.table, len(old))
+        return moved

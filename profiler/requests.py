@@ -189,7 +189,7 @@ class Requests:
         now = self.clock.time()
         for left in leftovers:
             s, c = left.spec, left.counters
-            note = "found after a restart; bytes counted while the service was down are missing"
+            note = left.note or "found after a restart; bytes counted while the service was down are missing"
             if not s.job:
                 note += "; not in the saved state, so its process and job are unknown"
             rec = Record(s.cid, s.job, s.pid, s.interface, s.family, s.local, s.lport, s.remote, s.rport, True,

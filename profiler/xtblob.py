@@ -258,6 +258,23 @@ class RawTable:
         self._removed.extend(e for e in c.rules if id(e) in doomed and e.index is not None)
         c.rules = [e for e in c.rules if id(e) not in doomed]
 
+    def move(self, source, entries, target):
+        """Rules from one chain to the front of another, in their order. Each stays one entry,
+        whose count goes on in its new place: not a removal, whose count would end, and an insertion."""
+        src, dst = self.by_name[source], self.by_name[target]
+        self._touch(src)      # first: the moved entries get their place in the kernel's table
+        self._touch(dst)
+        moving = {id(e) for e in entries}
+        src.rules = [e for e in src.rules if id(e) not in moving]
+        dst.rules[0:0] = entries
+
+    def remove_chain(self, name):
+        """A user chain and whatever it holds; nothing may jump to it any more."""
+        if any(e.jump == ("chain", name) for c in self.chains for e in c.rules):
+            raise FirewallError(f"chain {name} is still jumped to")
+        c = self.by_name.pop(name)
+        self.chains.remove(c)
+
     def add_chain(self, name):
         """An empty user chain, in its place by name (as libiptc keeps them)."""
         lay = self.lay

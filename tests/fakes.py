@@ -99,6 +99,7 @@ class FakeProcesses:
         self.kids = {}           # pid -> [pids]
         self.sockets = {}        # pid -> set(inode)
         self.closed_inodes = []  # what the profiler reported closed (socket_closed)
+        self.closing_inodes = []  # sockets whose peer closed first (socket_closing)
         self.forgotten = []      # pids the profiler said have exited (forget)
 
     def add(self, pid, uid=1000, user="alice", create_time=1_000.0, parent=None, inodes=()):
@@ -131,6 +132,9 @@ class FakeProcesses:
 
     def socket_closed(self, inode):
         self.closed_inodes.append(inode)
+
+    def socket_closing(self, inode):
+        self.closing_inodes.append(inode)
 
     def forget(self, pid):
         self.forgotten.append(pid)

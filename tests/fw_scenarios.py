@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from profiler.chains import RuleSpec, path  # noqa: E402
+from profiler.chains import RuleSpec, outdated, path  # noqa: E402
 from profiler.firewall import IptablesFirewall  # noqa: E402
 
 IFACE = "eth9"
@@ -157,6 +157,70 @@ def rules_put_and_rules_read_removed_together():
     out = {"harvested": {cid: [c.in_bytes, c.out_bytes, c.in_rules, c.out_rules] for cid, c in harvested.items()},
            "rules": fw.rule_count, "fixes": fw.verify(full=True)}
     fw.teardown()
+    return out
+
+
+def two_level_pair(s, counters):
+    """The rules of `s` as the earlier two-level layout made them: 4,096-port chains going to
+    256-port leaves NETPROF_<d><b><port >> 8 as 2 hex>_<iface>, with these counters per direction."""
+    port, block = (s.lport, "L") if s.lport >= s.rport else (s.rport, "R")
+    tool = "iptables-legacy" if s.family == socket.AF_INET else "ip6tables-legacy"
+    bits = "32" if s.family == socket.AF_INET else "128"
+    for d in "IO":
+        field = "dport" if (d == "I") == (block == "L") else "sport"
+        top, mid = f"NETPROF_{d}_{s.interface}", f"NETPROF_{d}{block}x{port >> 12:x}_{s.interface}"
+        leaf = f"NETPROF_{d}{block}{port >> 8:02x}_{s.interface}"
+        lo1, lo2 = port >> 12 << 12, port >> 8 << 8
+        for chain, (lo, hi), target, how in ((top, (lo1, lo1 + 4095), mid, "-j"), (mid, (lo2, lo2 + 255), leaf, "-g")):
+            subprocess.run([tool, "-w", "-N", target], capture_output=True)      # may be there already
+            hop = ["-p", "tcp", "-m", "tcp", f"--{field}", f"{lo}:{hi}", how, target]
+            if subprocess.run([tool, "-w", "-C", chain, *hop], capture_output=True).returncode:
+                subprocess.run([tool, "-w", "-A", chain, *hop], check=True)
+        src, sport, dst, dport = ((s.remote, s.rport, s.local, s.lport) if d == "I"
+                                  else (s.local, s.lport, s.remote, s.rport))
+        packets, nbytes = counters[d]
+        subprocess.run([tool, "-w", "-I", leaf, "1", "-c", str(packets), str(nbytes), "-s", f"{src}/{bits}",
+                        "-d", f"{dst}/{bits}", "-p", "tcp", "-m", "tcp", "--sport", str(sport), "--dport",
+                        str(dport), "-j", "RETURN"], check=True)
+    return leaf
+
+
+def upgrade_from_the_two_level_layout():
+    """An earlier version left its rules in 256-port leaves. The next start moves the pairs it
+    keeps into this layout's leaves, their counts with them; the others are logged; the old leaves
+    and the hops to them go. With STRANDED set, the move is not possible (as when xtblob cannot
+    read the table): the kept pairs are harvested as leftovers, saying so, and get no rules."""
+    first = IptablesFirewall([IFACE])
+    first.setup()           # the top chains and their jumps, the same in both layouts
+    kept, unknown, kept6 = spec("k1", 40001), spec("u1", 40301), spec("k6", 40003, family=socket.AF_INET6)
+    two_level_pair(kept, {"I": (3, 1000), "O": (4, 1001)})
+    two_level_pair(spec("k2", 40002), {"I": (1, 10), "O": (1, 11)})     # the same old leaf as k1
+    two_level_pair(unknown, {"I": (5, 2000), "O": (6, 2001)})
+    two_level_pair(kept6, {"I": (7, 3000), "O": (8, 3001)})
+    subprocess.run(["iptables-legacy", "-w", "-A", "NETPROF_IL9c_eth9", "-p", "udp", "-j", "RETURN"], check=True)
+    before = save() + save("ip6tables-legacy-save")
+    del first
+    second = IptablesFirewall([IFACE])
+    if os.environ.get("STRANDED"):
+        second._relayout = lambda fam: None
+    keep = {s.cid: s for s in (kept, spec("k2", 40002), kept6)}
+    left = second.setup(keep=keep)
+    chains = lambda: sorted({line.split()[0][1:] for line in save() + save("ip6tables-legacy-save")  # noqa: E731
+                             if line.startswith(":NETPROF_")})
+    out = {"old_leaves_before": sorted({line.split()[0][1:] for line in before
+                                        if line.startswith(":") and outdated(line.split()[0][1:])}),
+           "installed": sorted(second.installed),
+           "leftovers": sorted([l.spec.cid if l.spec.job else str(l.spec.lport), l.counters.in_bytes,
+                                l.counters.out_bytes, bool(l.note)] for l in left),
+           "outdated_after": [name for name in chains() if outdated(name)],
+           "udp_rules": [line for line in save() if "-p udp" in line],
+           "fixes": second.verify(full=True)}
+    out["read"] = {cid: [c.in_packets, c.in_bytes, c.out_packets, c.out_bytes]
+                   for cid, c in second.read([s for s in keep.values() if s.cid in second.installed]).items()}
+    out["harvested"] = {cid: [c.in_bytes, c.out_bytes]
+                        for cid, c in second.apply(remove=[s for s in keep.values() if s.cid in second.installed]).items()}
+    second.teardown()
+    out["after"] = [line for line in save() + save("ip6tables-legacy-save") if "NETPROF" in line]
     return out
 
 

@@ -70,6 +70,21 @@ def test_connection_of_tracked_process_gets_rules_and_is_harvested_after_both_fi
     assert fw.installed == {}
 
 
+def test_who_closed_first_says_which_descriptor_will_be_free(env):
+    """A FIN from the peer: the process will likely close its socket next (socket_closing); a FIN
+    from the process: the socket is closed (socket_closed). Either tells the process table where
+    the process's next socket will be."""
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11, 12})
+    open_conn(prof, socks, 5000, 11)
+    open_conn(prof, socks, 5001, 12)
+    prof.on_packet(ev(R, 80, L, 5000, FIN))
+    assert (procs.closing_inodes, procs.closed_inodes) == ([11], [])
+    prof.on_packet(ev(L, 5000, R, 80, FIN))
+    prof.on_packet(ev(L, 5001, R, 80, FIN))
+    assert (procs.closing_inodes, procs.closed_inodes) == ([11], [11, 12])
+
+
 def test_untracked_process_gets_no_rules(env):
     prof, fw, procs, socks, sink, clock = env
     register(prof, procs, inodes={11})

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 SCRIPT = os.path.join(ROOT, "tests", "fw_scenarios.py")
 
 
-def scenario(ns, name):
-    r = ns.run(PYTHON, SCRIPT, name)
+def scenario(ns, name, **env):
+    r = ns.run(PYTHON, SCRIPT, name, env=dict(os.environ, **env))
     return json.loads(r.stdout.splitlines()[-1])
 
 
@@ -75,3 +75,27 @@ def test_a_change_that_fails_halfway_leaves_nothing_behind(netpair):
     ports = sorted(int(rule.split("--sport ")[1].split()[0]) for rule in out["rules"])
     assert ports == [443, 443, 40002, 45001]      # inbound rules by their sport, outbound by theirs
     assert out["fixes"] == [[], []]
+
+
+@pytest.mark.parametrize("movable", [True, False], ids=["moved", "stranded"])
+def test_an_upgrade_from_the_two_level_layout_keeps_every_count(netpair, movable):
+    out = scenario(netpair.a, "upgrade_from_the_two_level_layout", **({} if movable else {"STRANDED": "1"}))
+    assert out["old_leaves_before"] == ["NETPROF_IL9c_eth9", "NETPROF_IL9d_eth9", "NETPROF_OL9c_eth9",
+                                        "NETPROF_OL9d_eth9"]
+    # Not in the state: logged by its 4-tuple, as any pair an earlier run left.
+    unknown = ["40301", 2000, 2001, False]
+    if movable:
+        # Each kept rule counts on in its new leaf from what it had counted (read() looks only there).
+        assert out["installed"] == ["k1", "k2", "k6"] and out["leftovers"] == [unknown]
+        assert out["read"] == {"k1": [3, 1000, 4, 1001], "k2": [1, 10, 1, 11], "k6": [7, 3000, 8, 3001]}
+        assert out["harvested"] == {"k1": [1000, 1001], "k2": [10, 11], "k6": [3000, 3001]}
+    else:
+        # What the kept pairs counted is logged, saying why; their connections get new rules later.
+        assert out["installed"] == []
+        assert out["leftovers"] == [unknown, ["k1", 1000, 1001, True], ["k2", 10, 11, True],
+                                    ["k6", 3000, 3001, True]]
+        assert out["read"] == {} and out["harvested"] == {}
+    # The old leaves, the hops to them and a rule of someone else's in one of them are gone.
+    assert out["outdated_after"] == [] and out["udp_rules"] == []
+    assert out["fixes"] == [[], []]
+    assert out["after"] == [] and leftover_rules(netpair.a) == []

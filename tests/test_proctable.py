@@ -151,3 +151,34 @@ def test_sockets_read_past_by_one_search_cost_one_read_when_looked_for(sockets, 
         for s in fresh:
             s.close()
         sockets.extend(socket.socket() for _ in range(20))
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["peer-closed-first", "not-told"])
+def test_number_of_a_socket_whose_peer_closed_is_read_first_when_reused(sockets, readlinks, told):
+    """A client closes its socket as soon as the server has closed its side, and opens the next one
+    before we have seen its own FIN: the number of a socket whose peer closed first is read early,
+    even when many sockets were found since (it is no longer among the recent ones)."""
+    table, me = ProcessTable(), os.getpid()
+    table.socket_inodes(me)
+    victim = sockets[100]
+    later = [socket.socket() for _ in range(proctable.RECENT_SOCKETS + 10)]
+    try:
+        for s in later:
+            assert table.owner_of(inode_of(s), [me]) == me
+        if told:
+            table.socket_closing(inode_of(victim))
+        fd = victim.fileno()
+        victim.close()
+        replacement = socket.socket()
+        assert replacement.fileno() == fd
+        readlinks[0] = 0
+        assert table.owner_of(inode_of(replacement), [me]) == me
+        if told:
+            assert readlinks[0] <= 3, readlinks[0]
+        else:
+            assert readlinks[0] > proctable.RECENT_SOCKETS, readlinks[0]
+        replacement.close()
+    finally:
+        for s in later:
+            s.close()
+        sockets[100] = socket.socket()

@@ -8,6 +8,7 @@ import pytest
 
 from harness import Capture, Service, run_client, start_client, start_server
 from nstools import wait_for
+from profiler.chains import chain_info, outdated
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -59,6 +60,93 @@ def test_kill_9_in_the_middle_of_100MB_then_restart_loses_nothing(netpair):
         assert answer["connections"][0]["complete"] is True
         restarted.stop()
     finally:
+        svc.stop()
+
+
+def two_level_layout(saved):
+    """iptables-legacy-save -c output of one table, with our connection rules moved into the leaves
+    of the earlier two-level layout (256-port leaves NETPROF_<d><b><port >> 8, 2 hex>_<iface> under
+    the same 4,096-port chains), their counters kept: what that version left."""
+    head, chains, rules, hops = [], [], [], {}
+    for line in saved.splitlines():
+        if line.startswith(("*", "#")):
+            head += [line] if line.startswith("*") else []
+            continue
+        name = line.split()[0][1:] if line.startswith(":") else line.split()[2] if " -A " in line else None
+        info = chain_info(name) if name else None
+        if info is None or info[0] == "top" or (info[0] == "mid" and name[10] == "x" and line.startswith(":")):
+            (chains if line.startswith(":") else rules).append(line)
+            continue
+        if line.startswith(":") or info[0] == "mid":
+            continue            # this layout's 512-port chains, leaves, and the hops to them
+        d, b = name[8], name[9]
+        sport, dport = int(line.split("--sport ")[1].split()[0]), int(line.split("--dport ")[1].split()[0])
+        port, field = max(sport, dport), "dport" if (d == "I") == (b == "L") else "sport"
+        leaf, lo = f"NETPROF_{d}{b}{port >> 8:02x}_{info[2]}", port >> 8 << 8
+        hops[leaf] = f"-A NETPROF_{d}{b}x{port >> 12:x}_{info[2]} -p tcp -m tcp --{field} {lo}:{lo + 255} -g {leaf}"
+        rules.append(line.replace(f" -A {name} ", f" -A {leaf} "))
+    commit = rules.index("COMMIT")
+    return "\n".join(head + chains + [f":{leaf} - [0:0]" for leaf in hops] + rules[:commit] + list(hops.values())
+                     + rules[commit:]) + "\n"
+
+
+def test_an_upgrade_from_the_two_level_layout_moves_live_rules_and_loses_nothing(netpair):
+    """An earlier version, killed while a transfer goes on, left its rules in the two-level layout;
+    this one moves them with their counts and the transfer's bytes are all there."""
+    p = netpair
+    svc = Service(p.a, [p.iface_a])
+    svc.start()
+    client = None
+    try:
+        cap = Capture(p.a, p.iface_a)
+        start_server(p.b, p.ip_b, 9000)
+        client = start_client(p.a, p.ip_b, 9000, up=60 * MB, extra=("--pace", str(30 * MB)))
+        assert svc.start_profile("upgrade#1", client.pid)[0] == 200
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        wait_for(lambda: live_out_bytes(svc, "upgrade%231") > 10 * MB, timeout=30, what="10 MB sent")
+        # Paused, so that no packet passes while the tables are rewritten (a restore is not exact).
+        os.kill(client.pid, signal.SIGSTOP)
+        svc.proc.send_signal(signal.SIGKILL)
+        svc.proc.wait(10)
+        snapshot = lambda: [p.a.run("iptables-legacy-save", "-c", "-t", t).stdout  # noqa: E731
+                            for t in ("filter", "security")]
+        last = [None]
+
+        def settled():
+            now, last[0] = snapshot(), snapshot()
+            return now == last[0]
+        wait_for(settled, timeout=10, interval=0.3, what="no packet counted any more")
+        for saved in last[0]:
+            p.a.run("iptables-legacy-restore", "-c", input=two_level_layout(saved))
+        old_leaves = [line.split()[0][1:] for line in "".join(snapshot()).splitlines()
+                      if line.startswith(":") and outdated(line.split()[0][1:])]
+        assert len(old_leaves) == 2, old_leaves       # the connection's, one a direction
+        os.kill(client.pid, signal.SIGCONT)
+        restarted = Service(p.a, [p.iface_a])
+        restarted.dir, restarted.config_path, restarted.log_dir = svc.dir, svc.config_path, svc.log_dir
+        restarted.out_path = svc.out_path + ".2"
+        restarted.start()
+        assert "moved 2 rules" in restarted.output() and "carried on with 1 jobs" in restarted.output()
+        conn = json.loads(client.stdout.readline())
+        client.stdin.close()
+        client.wait(60)
+        wait_for(lambda: key(conn) in restarted.logged(p.iface_a), timeout=20, what="logged after restart")
+        code, answer = restarted.get("/endprofile/jobid=upgrade%231")
+        assert code == 200 and answer["totals"]["connections"] == 1
+        assert answer["connections"][0]["complete"] is True
+        cap.stop()
+        truth = cap.bytes()
+        back = (conn["remote"], conn["rport"], conn["local"], conn["lport"])
+        logged = restarted.logged(p.iface_a)
+        assert logged[key(conn)][3] == truth[key(conn)] and logged[key(conn)][3] > 60 * MB
+        assert logged[back][3] == truth[back]
+        after = "".join(snapshot())
+        assert not any(outdated(line.split()[0][1:]) for line in after.splitlines() if line.startswith(":"))
+        restarted.stop()
+    finally:
+        if client is not None and client.poll() is None:
+            os.kill(client.pid, signal.SIGCONT)
         svc.stop()
 
 
