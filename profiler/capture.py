@@ -1,6 +1,9 @@
 """TCP connection events (SYN, FIN, RST) from libpcap.
 
-The only module that imports pcapy; the rest of the service sees TcpEvent.
+The only module that imports pcapy; the rest of the service sees TcpEvent. Two sources: the
+interface itself (a BPF filter keeps SYN, FIN and RST), or an NFLOG group ("nflog:<group>") that
+the firewall's capture rules (logrules.py) fill with the interface's SYNs, FINs and RSTs only,
+which spares every other packet the copy a packet socket on the interface costs.
 """
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ import ipaddress
 import logging
 import select
 import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,7 +32,8 @@ BPF_FILTER = ("(tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0)"
               " or (ip6 and ip6[6] == 6 and ip6[53] & 0x07 != 0)")
 
 DLT_NULL, DLT_EN10MB, DLT_RAW, DLT_LOOP, DLT_LINUX_SLL = 0, 1, 12, 108, 113
-LINKTYPE_RAW, DLT_LINUX_SLL2 = 101, 276
+LINKTYPE_RAW, DLT_LINUX_SLL2, DLT_NFLOG = 101, 276, 239
+_NFULA_PAYLOAD = 9     # the NFLOG TLV that holds the packet from its IP header on
 
 _IP4, _IP6 = dpkt.ip.IP, dpkt.ip6.IP6
 _BY_ETHERTYPE = {0x0800: _IP4, 0x86DD: _IP6}
@@ -44,6 +50,7 @@ _AF6_VALUES = frozenset((10, 24, 28, 30))
 _BLOCK_TIMEOUT_MS = 1
 _POLL_MS = 50          # bounds how long stop() waits for the thread
 _ERROR_PAUSE_S = 0.2   # keeps a persistent error from spinning
+_PRESENCE_S = 0.5      # how often a capture from NFLOG checks that its interface is still there
 _ACTIVATE_ERRORS = {-5: "no such device", -8: "permission denied", -9: "interface not up",
                     -11: "promiscuous mode not permitted"}
 
@@ -80,6 +87,22 @@ def _network_layer(datalink: int, data: bytes):
     elif datalink in (DLT_RAW, LINKTYPE_RAW):
         off = 0
         cls = {4: _IP4, 6: _IP6}.get(data[0] >> 4) if data else None
+    elif datalink == DLT_NFLOG:
+        # A 4-byte header (family, version, group), then TLVs: length (header included) and type
+        # in host byte order, each padded to 4 bytes.
+        off = 4
+        while off + 4 <= len(data):
+            length, kind = int.from_bytes(data[off:off + 2], sys.byteorder), int.from_bytes(data[off + 2:off + 4],
+                                                                                             sys.byteorder)
+            if length < 4:
+                return None
+            if kind == _NFULA_PAYLOAD:
+                off += 4
+                break
+            off += (length + 3) & ~3
+        else:
+            return None
+        cls = {4: _IP4, 6: _IP6}.get(data[off] >> 4) if off < len(data) else None
     elif datalink in (DLT_NULL, DLT_LOOP):
         # NULL is in the writer's byte order, LOOP in network order: try both.
         if len(data) < 4:
@@ -126,8 +149,14 @@ class PcapCapture:
 
     def __init__(self, interface: str, on_event: Callable[[TcpEvent], None], *,
                  snaplen: int = 128, buffer_bytes: int = 32 * 1024 * 1024,
-                 on_error: Callable[[str, Exception], None] | None = None):
+                 on_error: Callable[[str, Exception], None] | None = None, device: str | None = None):
+        """`device`: what libpcap opens, if not the interface: "nflog:<group>" for the group the
+        capture rules send this interface's packets to (events still name `interface`)."""
         self.interface = interface
+        self.device = device or interface
+        self._nflog = self.device.startswith("nflog:")
+        if self._nflog:
+            snaplen += 128      # the NFLOG header and TLVs come before the packet
         self._on_event = on_event
         self._on_error = on_error
         self._snaplen = snaplen
@@ -153,6 +182,9 @@ class PcapCapture:
             self._ifindex = socket.if_nametoindex(self.interface)
         except OSError:  # "any" has no index
             self._ifindex = None
+        if self._nflog and self._ifindex is None and self.interface != "any":
+            # An NFLOG group opens whatever the interface: fail as a capture on it would.
+            raise CaptureError(f"cannot capture on interface {self.interface!r}: no such device")
         handle = self._open()
         self._datalink = handle.datalink()
         self._stop = threading.Event()  # fresh per run: a late old thread stays stopped
@@ -191,9 +223,10 @@ class PcapCapture:
             return {"received": received, "dropped": dropped, "if_dropped": if_dropped}
 
     def _open(self):
-        what = f"cannot capture on interface {self.interface!r}"
+        what = (f"cannot read the capture of interface {self.interface!r} from {self.device}" if self._nflog
+                else f"cannot capture on interface {self.interface!r}")
         try:
-            handle = pcapy.create(self.interface)
+            handle = pcapy.create(self.device)
         except pcapy.PcapError as exc:
             raise CaptureError(f"{what}: {exc}") from exc
         try:
@@ -203,17 +236,22 @@ class PcapCapture:
             handle.set_buffer_size(self._buffer_bytes)
             status = handle.activate()  # pcapy-ng returns the status, it does not raise
             if status < 0:
+                hint = (f"; is another program (ulogd?) reading NFLOG group {self.device[6:]}? NFLOG_GROUP "
+                        "in the config chooses others" if self._nflog else "")
                 raise CaptureError(f"{what}: pcap_activate: {_ACTIVATE_ERRORS.get(status, 'error')}"
-                                   f" ({status})")
+                                   f" ({status}){hint}")
             if status > 0:
                 log.warning("pcap_activate on %s: warning %d", self.interface, status)
-            handle.setfilter(BPF_FILTER)
+            if not self._nflog:     # NFLOG: the rules chose the packets already
+                handle.setfilter(BPF_FILTER)
             # The kernel counted whatever arrived before the filter was set.
             self._stats_base = handle.stats()
             # Blocking reads poll() without a timeout (libpcap leaves timing to
             # the kernel, which wakes readers only for non-empty blocks): on an
             # idle link stop() could never end one.  So: non-blocking + our poll.
-            handle.setnonblock(1)
+            # (libpcap's NFLOG reader takes EAGAIN for an error: it reads only after our poll.)
+            if not self._nflog:
+                handle.setnonblock(1)
         except pcapy.PcapError as exc:
             handle.close()
             raise CaptureError(f"{what}: {exc}") from exc
@@ -225,11 +263,17 @@ class PcapCapture:
     def _run(self, handle, stop: threading.Event) -> None:
         poller = select.poll()  # not select(): the fd may be above FD_SETSIZE
         poller.register(handle.getfd(), select.POLLIN)
+        looked = time.monotonic()
         try:
             while not stop.is_set():
                 try:
                     if poller.poll(_POLL_MS):
-                        self._drain(handle, stop)
+                        self._drain(handle, stop, poller)
+                    if self._nflog and time.monotonic() - looked > _PRESENCE_S:
+                        # The group outlives the interface: say it is gone, as a capture on it would.
+                        looked = time.monotonic()
+                        if not self._interface_present():
+                            raise pcapy.PcapError(f"interface {self.interface} is gone")
                 except pcapy.PcapError as exc:
                     if not self._interface_present():
                         stop.set()  # so `running` is already False inside on_error
@@ -252,12 +296,15 @@ class PcapCapture:
                 self._handle = None
                 handle.close()
 
-    def _drain(self, handle, stop: threading.Event) -> None:
-        # In non-blocking mode dispatch() hands over one ring block and 0 once empty.
+    def _drain(self, handle, stop: threading.Event, poller) -> None:
+        # In non-blocking mode dispatch() hands over one ring block and 0 once empty. NFLOG is
+        # read blocking, one netlink message per dispatch(), for as long as poll() says one waits.
         while not stop.is_set():
             with self._lock:
                 if handle.dispatch(-1, self._on_packet) <= 0:
                     return
+            if self._nflog and not poller.poll(0):
+                return
 
     def _on_packet(self, hdr, data: bytes) -> None:
         if self._stop.is_set():  # stop() from on_event: skip the rest of the block

@@ -56,6 +56,11 @@ class Config:
     # Where connection rules go: "filter security" (half in each: each commit replaces half as
     # much) or "filter" (all counted at the same point, before filter's own rules decide).
     rule_tables: str = "filter security"
+    # Where the capture reads SYN, FIN and RST packets: "nflog" (netfilter rules send only those to
+    # an NFLOG group per interface, NFLOG_GROUP upwards) or "interface" (libpcap on the interface
+    # itself, which costs every packet the interface sends a copy).
+    capture: str = "nflog"
+    nflog_group: int = 7460
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -190,6 +195,8 @@ _PARSERS = {
     "MEMBERSHIP": ("membership", lambda k, v: _choice(k, v, ("tree", "cgroup"))),
     "CAPTURE_BUFFER": ("capture_buffer", lambda k, v: _positive_int(k, v, 4096)),
     "RULE_TABLES": ("rule_tables", _rule_tables),
+    "CAPTURE": ("capture", lambda k, v: _choice(k, v, ("nflog", "interface"))),
+    "NFLOG_GROUP": ("nflog_group", _queue_num),
 }
 KNOWN_KEYS = tuple(_PARSERS)
 
@@ -231,7 +238,18 @@ def parse_config(text, base_dir=HERE, route_lookup=default_route_interface):
         if iface is None:
             raise ConfigError("INTERFACE", "is not set and this machine has no default route to take it from")
         values["interfaces"] = (iface,)
+    last = values.get("nflog_group", Config.nflog_group) + len(values["interfaces"]) - 1
+    if last > 65535:
+        raise ConfigError("NFLOG_GROUP", f"{values['nflog_group']} leaves no room for a group per interface "
+                          f"(one each, up to {last}; at most 65535)")
     return Config(**values)
+
+
+def nflog_groups(config):
+    """{interface: NFLOG group} of the capture rules: one group per interface, NFLOG_GROUP upwards."""
+    if config.capture != "nflog":
+        return {}
+    return {iface: config.nflog_group + i for i, iface in enumerate(config.interfaces)}
 
 
 def load_config(path=None, route_lookup=default_route_interface):

@@ -39,6 +39,7 @@ import iptc
 
 from .chains import CT_CHAIN, HOLD_IN, HOLD_OUT, PREFIX, Counters, RuleSpec, chain_info, chain_names, outdated, path
 from .errors import FirewallError, PartialChange
+from .logrules import CaptureRules
 from .rawpath import RawPath, _add_count, _Unreadable
 from .xtlock import XtablesLock
 
@@ -265,13 +266,15 @@ class _Family:
         return r
 
 
-class IptablesFirewall(RawPath):
-    def __init__(self, interfaces, lock=None, queue_num=None, table="filter"):
+class IptablesFirewall(RawPath, CaptureRules):
+    def __init__(self, interfaces, lock=None, queue_num=None, table="filter", nflog_groups=None):
         """`table`: where the connection rules and their chains go. Only the one in "filter" also
-        looks after the SYN hold chains in mangle (shards.py puts half the rules in "security")."""
+        looks after the SYN hold chains in mangle (shards.py puts half the rules in "security"),
+        and the capture's NFLOG rules (logrules.py) for `nflog_groups` ({interface: group})."""
         self.interfaces = tuple(interfaces)
         self.lock = lock or XtablesLock()
         self.queue_num = queue_num
+        self.nflog_groups = dict(nflog_groups or {})
         self.table = table
         self.families = (socket.AF_INET, socket.AF_INET6)   # where setup() and verify() look
         self._families = {}
@@ -414,11 +417,12 @@ class IptablesFirewall(RawPath):
             mangle = self._mangle(family)
             with self._cycle(mangle):
                 self._remove_ours(mangle)
-            if self.queue_num is not None:
-                with self._cycle(mangle):
+            with self._cycle(mangle):
+                if self.queue_num is not None:
                     for chain, builtin, inbound in ((HOLD_OUT, "OUTPUT", False), (HOLD_IN, "INPUT", True)):
                         mangle.table.create_chain(chain)
                         mangle.chain(builtin).insert_rule(mangle.syn_rule(chain, inbound=inbound))
+                self._log_rules(mangle)
         self._hold = (frozenset(), frozenset())
         return leftovers
 
@@ -438,7 +442,9 @@ class IptablesFirewall(RawPath):
         return final
 
     def _remove_ours(self, fam):
-        for builtin in ("INPUT", "OUTPUT"):
+        for builtin in ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"):
+            if not fam.table.is_chain(builtin):
+                continue
             chain = fam.chain(builtin)
             for rule in chain.rules:
                 if rule.target and rule.target.name.startswith(PREFIX + "_"):
@@ -785,4 +791,5 @@ class IptablesFirewall(RawPath):
             self._foreign.discard(key)
         if missing:
             fixes.append(f"{len(missing)} connections' rules were removed or bypassed")
+        fixes += self.verify_capture()
         return fixes, missing

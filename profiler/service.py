@@ -8,6 +8,7 @@ import os
 import threading
 
 from .clock import SystemClock
+from .config import nflog_groups
 from .core import Profiler
 from .errors import ProfilerError
 
@@ -261,8 +262,11 @@ def build_service(config):
     from .proctable import ProcessTable
     from .sockdiag import SockDiag
 
+    groups = nflog_groups(config)
+
     def capture_factory(iface, on_event, on_error):
-        return PcapCapture(iface, on_event, on_error=on_error, buffer_bytes=config.capture_buffer)
+        device = f"nflog:{groups[iface]}" if iface in groups else None
+        return PcapCapture(iface, on_event, on_error=on_error, buffer_bytes=config.capture_buffer, device=device)
 
     conntrack = None
     if config.conntrack:
@@ -284,7 +288,8 @@ def build_service(config):
         store = StateStore(config.state_file)
     except Exception as exc:
         raise ProfilerError(f"cannot open the state file {config.state_file}: {exc}") from None
-    filter_part = IptablesFirewall(config.interfaces, queue_num=config.queue_num if config.hold_syns else None)
+    filter_part = IptablesFirewall(config.interfaces, queue_num=config.queue_num if config.hold_syns else None,
+                                   nflog_groups=groups)
     # The same lock object: one writer, and our own commits are not taken for another program's. With
     # RULE_TABLES = filter the security table is still looked at once, for pairs an earlier run left.
     firewall = ShardedFirewall(filter_part, IptablesFirewall(config.interfaces, lock=filter_part.lock, table="security"),

@@ -224,6 +224,29 @@ def upgrade_from_the_two_level_layout():
     return out
 
 
+def capture_rules_put_back():
+    """The capture's NFLOG rules in mangle: one jump from PREROUTING and POSTROUTING each, one rule
+    per interface (none inbound for lo); another program's deletion is repaired by verify()."""
+    fw = IptablesFirewall([IFACE, "lo"], nflog_groups={IFACE: 7460, "lo": 7461})
+    fw.setup()
+    fw.setup()          # idempotent
+    mangle = lambda: [line for line in subprocess.run(  # noqa: E731
+        ["iptables-legacy-save", "-t", "mangle"], capture_output=True, text=True).stdout.splitlines()
+        if "NETPROF_LOG" in line]
+    first = mangle()
+    clean = fw.verify(full=False)
+    subprocess.run(["iptables-legacy", "-w", "-t", "mangle", "-D", "POSTROUTING", "-p", "tcp", "-m", "tcp", "!",
+                    "--tcp-flags", "FIN,SYN,RST", "NONE", "-j", "NETPROF_LOG_O"], check=True)
+    broken = mangle()
+    fixes = fw.verify(full=False)
+    out = {"first": first, "clean": clean, "broken": broken, "fixes": fixes, "repaired": mangle()}
+    fw.teardown()
+    out["after"] = [line for tool in ("iptables-legacy-save", "ip6tables-legacy-save")
+                    for line in subprocess.run([tool], capture_output=True, text=True).stdout.splitlines()
+                    if "NETPROF" in line]
+    return out
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.ERROR)
     result = globals()[sys.argv[1]]()

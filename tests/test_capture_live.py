@@ -31,8 +31,14 @@ import profiler.capture
 from profiler.capture import PcapCapture
 if os.environ.get("NP_CAPTURE_BLOCK_TIMEOUT_MS"):  # only to show what the 1 ms timeout buys
     profiler.capture._BLOCK_TIMEOUT_MS = int(os.environ["NP_CAPTURE_BLOCK_TIMEOUT_MS"])
-iface, raise_once = sys.argv[2], sys.argv[3] == "raise-once"
+iface, raise_once, source = sys.argv[2], sys.argv[3] == "raise-once", sys.argv[4]
 lock, done, raised = threading.Lock(), threading.Event(), []
+firewall = device = None
+if source == "nflog":   # the service's capture rules, from the firewall adapter
+    from profiler.firewall import IptablesFirewall
+    firewall = IptablesFirewall([iface], nflog_groups={iface: 7460})
+    firewall.setup()
+    device = "nflog:7460"
 
 def emit(**kw):
     with lock:
@@ -51,7 +57,7 @@ def on_error(name, exc):
 
 signal.signal(signal.SIGTERM, lambda *a: done.set())
 threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-cap = PcapCapture(iface, on_event, on_error=on_error)
+cap = PcapCapture(iface, on_event, on_error=on_error, device=device)
 cap.start()
 threads = [(t.name, t.daemon) for t in threading.enumerate()]
 emit(kind="ready", datalink=cap._datalink, threads=threads, running=cap.running)
@@ -64,6 +70,8 @@ cap.stop()
 cap.stop()  # idempotent
 emit(kind="stopped", stop_s=time.monotonic() - t0, running=cap.running, stats=cap.stats(),
      thread_alive=any(t.name == "capture-" + iface for t in threading.enumerate()))
+if firewall is not None:
+    firewall.teardown()
 """
 
 SERVER = r"""
@@ -136,11 +144,11 @@ class Lines:
 
 
 class Capture(Lines):
-    def __init__(self, ns, iface, mode="plain"):
-        proc = ns.popen(PY, "-c", CAPTURE, ROOT, iface, mode, stdin=subprocess.PIPE,
+    def __init__(self, ns, iface, mode="plain", source="interface"):
+        proc = ns.popen(PY, "-c", CAPTURE, ROOT, iface, mode, source, stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE, text=True)
         super().__init__(proc)
-        self.iface = iface
+        self.iface, self.source = iface, source
         self.ready = self.wait(lambda i: i["kind"] == "ready", f"capture on {iface} ready")[0]
 
     def events(self, match=lambda e: True):
@@ -193,38 +201,53 @@ def lifecycle(pair, cap, client_ns, client, server_ns, server, family):
     assert report["stats"]["received"] >= 7 and report["stats"]["dropped"] == 0
     # Nothing passed the filter unparsed.  On lo the kernel counts each packet
     # twice (sent and received) and libpcap drops the sent copy.
-    assert report["stats"]["received"] == len(cap.events()) * (2 if cap.iface == "lo" else 1)
+    # From NFLOG a loopback packet is taken once, on its way out.
+    looped = client == server and cap.source == "interface"
+    assert report["stats"]["received"] == len(cap.events()) * (2 if looped else 1)
 
 
-def test_ipv4_over_veth(netpair):
-    cap = Capture(netpair.a, netpair.iface_a)
-    assert cap.ready["datalink"] == 1 and cap.ready["running"]
+SOURCES = pytest.mark.parametrize("source", ["interface", "nflog"])
+DLT_NFLOG = 239
+
+
+@SOURCES
+def test_ipv4_over_veth(netpair, source):
+    cap = Capture(netpair.a, netpair.iface_a, source=source)
+    assert cap.ready["datalink"] == (1 if source == "interface" else DLT_NFLOG) and cap.ready["running"]
     assert [f"capture-{netpair.iface_a}", True] in cap.ready["threads"]
     lifecycle(netpair, cap, netpair.a, netpair.ip_a, netpair.b, netpair.ip_b, socket.AF_INET)
 
 
-def test_ipv6_over_veth_peer_initiated(netpair):
-    cap = Capture(netpair.a, netpair.iface_a)
+@SOURCES
+def test_ipv6_over_veth_peer_initiated(netpair, source):
+    cap = Capture(netpair.a, netpair.iface_a, source=source)
     lifecycle(netpair, cap, netpair.b, netpair.ip6_b, netpair.a, netpair.ip6_a, socket.AF_INET6)
 
 
-def test_loopback_inside_namespace(netpair):
-    cap = Capture(netpair.a, "lo")
+@SOURCES
+def test_loopback_inside_namespace(netpair, source):
+    cap = Capture(netpair.a, "lo", source=source)
     lifecycle(netpair, cap, netpair.a, "127.0.0.1", netpair.a, "127.0.0.1", socket.AF_INET)
 
 
-def test_any_uses_linux_cooked_capture(netpair):
-    cap = Capture(netpair.a, "any")
-    assert cap.ready["datalink"] == 113  # DLT_LINUX_SLL
+@SOURCES
+def test_any_uses_linux_cooked_capture(netpair, source):
+    cap = Capture(netpair.a, "any", source=source)
+    assert cap.ready["datalink"] == (113 if source == "interface" else DLT_NFLOG)  # DLT_LINUX_SLL
     lifecycle(netpair, cap, netpair.a, netpair.ip6_a, netpair.b, netpair.ip6_b, socket.AF_INET6)
+    # loopback as well, each packet once
+    cap = Capture(netpair.a, "any", source=source)
+    lifecycle(netpair, cap, netpair.a, "127.0.0.1", netpair.a, "127.0.0.1", socket.AF_INET)
 
 
-def test_single_syn_is_delivered_promptly(netpair):
+@SOURCES
+def test_single_syn_is_delivered_promptly(netpair, source):
     """The immediate-mode stand-in: a lone SYN must not wait for a ring block
     to fill or for a long timeout.  Without it this fails: with
     NP_CAPTURE_BLOCK_TIMEOUT_MS=0 (libpcap's default) nothing is delivered at
-    all, with =100 the delays are ~45-85 ms."""
-    cap = Capture(netpair.a, netpair.iface_a)
+    all, with =100 the delays are ~45-85 ms. From NFLOG: without --nflog-threshold 1
+    the kernel holds packets up to a second."""
+    cap = Capture(netpair.a, netpair.iface_a, source=source)
     closed_port = 9
     delays = []
     for _ in range(5):
@@ -263,8 +286,9 @@ def test_link_down_is_reported_and_capture_resumes(netpair):
     cap.finish()
 
 
-def test_vanished_interface_is_reported_and_capture_ends(netpair):
-    cap = Capture(netpair.a, netpair.iface_a)
+@SOURCES
+def test_vanished_interface_is_reported_and_capture_ends(netpair, source):
+    cap = Capture(netpair.a, netpair.iface_a, source=source)
     netpair.a.run("ip", "link", "del", netpair.iface_a)
     err = cap.wait(lambda i: i["kind"] == "error", "on_error for vanished interface")[0]
     assert err["type"] == "CaptureError" and "gone" in err["message"] and not err["running"]
@@ -273,12 +297,30 @@ def test_vanished_interface_is_reported_and_capture_ends(netpair):
     cap.finish()
 
 
-def test_missing_interface_fails_start_with_its_name():
+@SOURCES
+def test_missing_interface_fails_start_with_its_name(source):
     from profiler.capture import PcapCapture
     from profiler.errors import CaptureError
     name = "npx" + uuid.uuid4().hex[:8]  # cannot exist: nothing on the host is opened
-    cap = PcapCapture(name, lambda ev: None)
+    cap = PcapCapture(name, lambda ev: None, device="nflog:7460" if source == "nflog" else None)
     with pytest.raises(CaptureError, match=name):
         cap.start()
     assert not cap.running
     cap.stop()
+
+
+def test_an_nflog_group_another_program_reads_fails_start_naming_it(netpair):
+    out = netpair.a.run(PY, "-c", r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import pcapy
+from profiler.capture import PcapCapture
+from profiler.errors import CaptureError
+other = pcapy.create("nflog:7470")      # as ulogd would hold it
+assert other.activate() == 0
+try:
+    PcapCapture("lo", lambda ev: None, device="nflog:7470").start()
+except CaptureError as exc:
+    print(exc)
+""", ROOT).stdout
+    assert "NFLOG group 7470" in out and "NFLOG_GROUP" in out

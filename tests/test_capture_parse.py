@@ -67,6 +67,26 @@ LINKS = {
 IP = {4: (ip4, SRC4, DST4, socket.AF_INET, 20), 6: (ip6, SRC6, DST6, socket.AF_INET6, 40)}
 
 
+def tlv(kind, value):
+    """One NFLOG TLV: length (header included) and type in host byte order, padded to 4 bytes."""
+    raw = struct.pack("=HH", 4 + len(value), kind) + value
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def nflog(pkt, v):
+    """What libpcap reads from an NFLOG group: family, version, group, then the TLVs the kernel
+    sends (packet header, prefix, timestamp, in-interface) and last the packet itself."""
+    return (struct.pack(">BBH", socket.AF_INET if v == 4 else socket.AF_INET6, 0, 7460)
+            + tlv(1, struct.pack(">HBB", 0x0800 if v == 4 else 0x86DD, 0, 0))
+            + tlv(10, b"np\0")
+            + tlv(3, struct.pack(">QQ", 1_800_000_000, 5))
+            + tlv(4, struct.pack(">I", 3))
+            + tlv(9, bytes(pkt)))
+
+
+LINKS["nflog"] = (239, nflog, 4 + 8 + 8 + 20 + 8 + 4)
+
+
 def frame(link, v, seg):
     datalink, wrap, _ = LINKS[link]
     return datalink, wrap(IP[v][0](seg), v)
@@ -200,7 +220,7 @@ def test_random_bytes_never_raise():
     rng = random.Random(7)
     for _ in range(3000):
         buf = rng.randbytes(rng.randint(0, 140))
-        for datalink in (0, 1, 12, 101, 108, 113, 276):
+        for datalink in (0, 1, 12, 101, 108, 113, 239, 276):
             got = parse_packet(datalink, buf, "if0", 0.0)
             assert got is None or isinstance(got, TcpEvent)
 
@@ -209,3 +229,11 @@ def test_filter_compiles_for_every_live_link_type():
     pcapy = pytest.importorskip("pcapy")
     for datalink in (0, 1, 12, 108, 113):
         pcapy.compile(datalink, 128, BPF_FILTER, 1, 0)
+
+
+def test_nflog_without_its_payload_or_with_a_broken_tlv_is_not_an_event():
+    pkt = bytes(ip4(tcp(TH_FIN | TH_ACK)))
+    header = struct.pack(">BBH", socket.AF_INET, 0, 7460)
+    assert parse_packet(239, header + tlv(10, b"np\0") + tlv(9, pkt), "if0", 1.0).flags == TH_FIN | TH_ACK
+    assert parse_packet(239, header + tlv(10, b"np\0"), "if0", 1.0) is None
+    assert parse_packet(239, header + struct.pack("=HH", 2, 10) + tlv(9, pkt), "if0", 1.0) is None

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from profiler.config import default_route_interface, load_config, parse_config
+from profiler.config import default_route_interface, load_config, nflog_groups, parse_config
 from profiler.errors import ConfigError
 from profiler.logsink import RollingLogSink, format_json
 from profiler.model import Record
@@ -16,6 +16,7 @@ def test_defaults_and_default_route(tmp_path):
     assert cfg.bind_address == "127.0.0.1"
     assert cfg.log_dir.endswith("logs")
     assert cfg.rule_tables == "filter security"
+    assert cfg.capture == "nflog" and nflog_groups(cfg) == {"eth7": 7460}
 
 
 def test_values_and_lists(tmp_path):
@@ -41,11 +42,21 @@ def test_values_and_lists(tmp_path):
     ("INTERNAL_NETWORKS = 10.0.0.0/33", "INTERNAL_NETWORKS"),
     ("HOLD_SYNS = maybe", "HOLD_SYNS"),
     ("RULE_TABLES = mangle", "RULE_TABLES"),
+    ("CAPTURE = pcap", "CAPTURE"),
+    ("NFLOG_GROUP = 70000", "NFLOG_GROUP"),
 ])
 def test_bad_values_name_the_key(line, key):
     with pytest.raises(ConfigError) as err:
         parse_config(f"[CONFIG]\nINTERFACE = eth0\n{line}\n")
     assert key in str(err.value)
+
+
+def test_one_nflog_group_per_interface_or_none_when_capturing_on_the_interface():
+    cfg = parse_config("[CONFIG]\nINTERFACE = eth0, eth1\nNFLOG_GROUP = 40\n")
+    assert nflog_groups(cfg) == {"eth0": 40, "eth1": 41}
+    assert nflog_groups(parse_config("[CONFIG]\nINTERFACE = eth0\nCAPTURE = interface\n")) == {}
+    with pytest.raises(ConfigError, match="NFLOG_GROUP.*65536"):
+        parse_config("[CONFIG]\nINTERFACE = eth0, eth1\nNFLOG_GROUP = 65535\n")
 
 
 def test_no_default_route_is_a_clear_error():

@@ -99,3 +99,19 @@ def test_an_upgrade_from_the_two_level_layout_keeps_every_count(netpair, movable
     assert out["outdated_after"] == [] and out["udp_rules"] == []
     assert out["fixes"] == [[], []]
     assert out["after"] == [] and leftover_rules(netpair.a) == []
+
+
+def test_capture_rules_are_ours_to_put_back_and_to_remove(netpair):
+    out = scenario(netpair.a, "capture_rules_put_back")
+    jump = "-p tcp -m tcp ! --tcp-flags FIN,SYN,RST NONE -j NETPROF_LOG_"
+    assert sorted(out["first"]) == sorted([
+        ":NETPROF_LOG_I - [0:0]", ":NETPROF_LOG_O - [0:0]",
+        f"-A PREROUTING {jump}I", f"-A POSTROUTING {jump}O",
+        "-A NETPROF_LOG_I -i eth9 -j NFLOG --nflog-group 7460 --nflog-threshold 1",
+        "-A NETPROF_LOG_O -o eth9 -j NFLOG --nflog-group 7460 --nflog-threshold 1",
+        "-A NETPROF_LOG_O -o lo -j NFLOG --nflog-group 7461 --nflog-threshold 1"])
+    assert out["clean"] == [[], []]
+    assert f"-A POSTROUTING {jump}O" not in out["broken"]
+    assert out["fixes"][0] == ["the IPv4 capture rules in mangle were changed by another program"]
+    assert sorted(out["repaired"]) == sorted(out["first"])
+    assert out["after"] == []

@@ -150,6 +150,36 @@ def test_an_upgrade_from_the_two_level_layout_moves_live_rules_and_loses_nothing
         svc.stop()
 
 
+def test_capture_rules_removed_by_another_program_are_put_back(netpair):
+    """Without the NFLOG rules in mangle no SYN, FIN or RST reaches the capture: the check of our
+    rules puts them back, and connections after that are seen and counted exactly."""
+    p = netpair
+    svc = Service(p.a, [p.iface_a], VERIFY_INTERVAL=0.2)
+    try:
+        svc.start()
+        jump = ["-p", "tcp", "-m", "tcp", "!", "--tcp-flags", "FIN,SYN,RST", "NONE", "-j"]
+        p.a.run("iptables-legacy", "-w", "-t", "mangle", "-D", "PREROUTING", *jump, "NETPROF_LOG_I")
+        p.a.run("iptables-legacy", "-w", "-t", "mangle", "-F", "NETPROF_LOG_O")
+        wait_for(lambda: "put back the IPv4 capture rules" in svc.output(), timeout=10, what="capture rules put back")
+        save = p.a.run("iptables-legacy-save", "-t", "mangle").stdout
+        assert f"-A NETPROF_LOG_O -o {p.iface_a} -j NFLOG" in save and "-j NETPROF_LOG_I" in save
+        cap = Capture(p.a, p.iface_a)
+        start_server(p.b, p.ip_b, 9000)
+        c = start_client(p.a, p.ip_b, 9000, up=200_000, down=100_000)
+        assert svc.start_profile("meddle#2", c.pid)[0] == 200
+        conn = run_client(c, 1)[0]
+        wait_for(lambda: key(conn) in svc.logged(p.iface_a), timeout=20, what="logged")
+        cap.stop()
+        truth = cap.bytes()
+        assert svc.logged(p.iface_a)[key(conn)][3] == truth[key(conn)]
+        back = (conn["remote"], conn["rport"], conn["local"], conn["lport"])
+        assert svc.logged(p.iface_a)[back][3] == truth[back]
+        code, answer = svc.get("/endprofile/jobid=meddle%232")
+        assert code == 200 and answer["connections"][0]["complete"] is True
+    finally:
+        svc.stop()
+
+
 @pytest.mark.parametrize("interference", ["flush", "delete-jump", "reorder"])
 def test_rules_changed_by_another_program_are_repaired_and_counted(netpair, interference):
     p = netpair
