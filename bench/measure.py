@@ -116,9 +116,10 @@ def written_at(log, keys):
     return [_stamp(log[k][1]) for k in keys if k in log]
 
 
-def iperf(run, server_ip, port, secs):
-    """Throughput in Gbit/s of one iperf3 upload; `run(argv)` runs a command and returns stdout."""
-    argv = ["iperf3", "-c", server_ip, "-p", str(port), "-t", str(secs), "-J"]
+def iperf(run, server_ip, port, secs, reverse=False):
+    """Throughput in Gbit/s of one iperf3 upload (a download with `reverse`: the data then comes
+    in through INPUT); `run(argv)` runs a command and returns stdout."""
+    argv = ["iperf3", "-c", server_ip, "-p", str(port), "-t", str(secs), "-J"] + (["-R"] if reverse else [])
     if secs >= 4:
         argv += ["-O", "1"]   # leave out the first second (slow start)
     for attempt in range(3):

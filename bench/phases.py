@@ -29,9 +29,11 @@ def say(text):
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def _dataplane(env, s, configs):
+def _dataplane(env, s, configs, reverse=False):
     """{"tso"|"1500": {name: [Gbit/s per repetition]}}, the configs interleaved repetition by repetition,
-    so that a paired ratio compares runs made moments apart (the machine has 2 cores and neighbours)."""
+    so that a paired ratio compares runs made moments apart (the machine has 2 cores and neighbours).
+    With `reverse` the keys are "tso_down"|"1500_down": downloads, whose data packets walk the rules
+    of INPUT (an upload's data leaves as large GSO packets, cut up after netfilter; its ACKs come in)."""
     out = {}
     for tso in (True, False):
         env.offloads(tso)
@@ -40,8 +42,8 @@ def _dataplane(env, s, configs):
         for rep in range(s["iperf_reps"]):
             for name in names[rep % len(names):] + names[:rep % len(names)]:   # no config always goes first
                 run, ip = configs[name]
-                runs[name].append(iperf(run, ip, IPERF_PORT, s["iperf_secs"]))
-        out["tso" if tso else "1500"] = runs
+                runs[name].append(iperf(run, ip, IPERF_PORT, s["iperf_secs"], reverse))
+        out[("tso" if tso else "1500") + ("_down" if reverse else "")] = runs
     env.offloads(True)
     return out
 
@@ -239,16 +241,17 @@ def service_dataplane(env, svc, client, s, r):
                                        timeout=s["iperf_secs"] + 60)["stdout"]
     # untracked: a flow of nobody's job, it passes every rule; tracked: a child of the tracked client,
     # its rules are the newest and so the first in the chains.
-    dp = _dataplane(env, s, {"ref": (untracked, env.ref_ip_b), "untracked": (untracked, env.pair.ip_b),
-                             "tracked": (tracked, env.pair.ip_b)})
+    configs = {"ref": (untracked, env.ref_ip_b), "untracked": (untracked, env.pair.ip_b),
+               "tracked": (tracked, env.pair.ip_b)}
+    dp = _dataplane(env, s, configs)
+    dp.update(_dataplane(env, s, configs, reverse=True))
     for key, runs in dp.items():
         r[f"ref_gbps_{key}"] = round(median(runs["ref"]), 2)
         r[f"gbps_{key}"] = round(median(runs["untracked"]), 2)
         r[f"gbps_tracked_{key}"] = round(median(runs["tracked"]), 2)
-    r["dataplane_ratio"] = _paired(dp["tso"], "untracked")
-    r["dataplane_ratio_1500"] = _paired(dp["1500"], "untracked")
-    r["dataplane_ratio_tracked"] = _paired(dp["tso"], "tracked")
-    r["dataplane_ratio_tracked_1500"] = _paired(dp["1500"], "tracked")
+    for key, suffix in (("tso", ""), ("1500", "_1500"), ("tso_down", "_down"), ("1500_down", "_1500_down")):
+        r[f"dataplane_ratio{suffix}"] = _paired(dp[key], "untracked")
+        r[f"dataplane_ratio_tracked{suffix}"] = _paired(dp[key], "tracked")
 
 
 def service_memory(env, svc, client, s, r):

@@ -50,7 +50,8 @@ def rows(r, s):
     out.append(("  baseline capacity if connections outlived netstat (1 / (SYN-to-rules + harvest))", None,
                 r.get("base_capacity_per_s"), _ratio(r.get("conn_per_s"), r.get("base_capacity_per_s"), 1), None,
                 "-"))
-    for key, label in (("tso", "TSO on"), ("1500", "1,500-byte packets")):
+    for key, label in (("tso", "TSO on"), ("1500", "1,500-byte packets"), ("tso_down", "TSO on, download"),
+                       ("1500_down", "1,500-byte packets, download")):
         ref = r.get(f"ref_gbps_{key}")
         for kind, prefix in (("untracked flow, passes all rules", "gbps"), ("tracked flow, newest rules",
                                                                             "gbps_tracked")):

@@ -60,7 +60,8 @@ def code_version():
 
 def summary(r, s):
     keys = ("syn_to_rule_p50_ms", "syn_to_rule_p99_ms", "harvest_per_s", "conn_per_s", "missed", "dataplane_ratio",
-            "dataplane_ratio_1500", "dataplane_ratio_tracked", "dataplane_ratio_tracked_1500", "rss_mb",
+            "dataplane_ratio_1500", "dataplane_ratio_tracked", "dataplane_ratio_tracked_1500", "dataplane_ratio_down",
+            "dataplane_ratio_1500_down", "dataplane_ratio_tracked_down", "dataplane_ratio_tracked_1500_down", "rss_mb",
             "rss_at_connections", "idle_cpu_pct", "live_connections", "base_syn_to_rule_p50_ms",
             "base_syn_to_rule_p99_ms", "base_harvest_per_s", "base_conn_per_s", "base_missed")
     out = {k: r.get(k) for k in keys}

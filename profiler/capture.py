@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import select
 import socket
 import sys
@@ -34,6 +35,7 @@ BPF_FILTER = ("(tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0)"
 DLT_NULL, DLT_EN10MB, DLT_RAW, DLT_LOOP, DLT_LINUX_SLL = 0, 1, 12, 108, 113
 LINKTYPE_RAW, DLT_LINUX_SLL2, DLT_NFLOG = 101, 276, 239
 _NFULA_PAYLOAD = 9     # the NFLOG TLV that holds the packet from its IP header on
+_NFULA_TIMESTAMP = 3   # when the kernel saw it (inbound hooks only): be64 seconds, be64 microseconds
 
 _IP4, _IP6 = dpkt.ip.IP, dpkt.ip6.IP6
 _BY_ETHERTYPE = {0x0800: _IP4, 0x86DD: _IP6}
@@ -51,6 +53,7 @@ _BLOCK_TIMEOUT_MS = 1
 _POLL_MS = 50          # bounds how long stop() waits for the thread
 _ERROR_PAUSE_S = 0.2   # keeps a persistent error from spinning
 _PRESENCE_S = 0.5      # how often a capture from NFLOG checks that its interface is still there
+_SO_RCVBUFFORCE = 33
 _ACTIVATE_ERRORS = {-5: "no such device", -8: "permission denied", -9: "interface not up",
                     -11: "promiscuous mode not permitted"}
 
@@ -65,6 +68,9 @@ class TcpEvent:
     dst: str
     dport: int
     flags: int     # the TCP flags byte
+    # Whether ts is when the kernel saw the packet. Not for a packet read from NFLOG in an outbound
+    # hook (the kernel stamps only inbound ones there): ts is then when it was read, later.
+    stamped: bool = True
 
     syn = property(lambda self: bool(self.flags & dpkt.tcp.TH_SYN))
     ack = property(lambda self: bool(self.flags & dpkt.tcp.TH_ACK))
@@ -115,10 +121,31 @@ def _network_layer(datalink: int, data: bytes):
     return (cls, off) if cls is not None else None
 
 
+def _nflog_stamp(data: bytes) -> float | None:
+    """The kernel's timestamp in an NFLOG message, or None when it has none."""
+    off = 4
+    while off + 4 <= len(data):
+        length, kind = int.from_bytes(data[off:off + 2], sys.byteorder), int.from_bytes(data[off + 2:off + 4],
+                                                                                         sys.byteorder)
+        if length < 4 or kind == _NFULA_PAYLOAD:
+            return None
+        if kind == _NFULA_TIMESTAMP and length >= 20 and off + 20 <= len(data):
+            return int.from_bytes(data[off + 4:off + 12], "big") + int.from_bytes(data[off + 12:off + 20], "big") / 1e6
+        off += (length + 3) & ~3
+    return None
+
+
 def parse_packet(datalink: int, data: bytes, interface: str, ts: float) -> TcpEvent | None:
     """The TcpEvent in one captured frame, or None if it is not TCP or is cut
-    short before the end of the fixed TCP header (payload may be missing)."""
+    short before the end of the fixed TCP header (payload may be missing).
+    `ts`: libpcap's timestamp; from NFLOG the kernel's own, when the message has it."""
     try:
+        stamped = True
+        if datalink == DLT_NFLOG:
+            # libpcap stamps an NFLOG message when it reads it
+            kernel = _nflog_stamp(data)
+            stamped = kernel is not None
+            ts = kernel if stamped else ts
         found = _network_layer(datalink, data)
         if found is None:
             return None
@@ -133,7 +160,7 @@ def parse_packet(datalink: int, data: bytes, interface: str, ts: float) -> TcpEv
         family, addr = ((socket.AF_INET, ipaddress.IPv4Address) if v4
                         else (socket.AF_INET6, ipaddress.IPv6Address))
         return TcpEvent(interface, ts, family, str(addr(ip.src)), tcp.sport,
-                        str(addr(ip.dst)), tcp.dport, tcp.flags & 0xFF)
+                        str(addr(ip.dst)), tcp.dport, tcp.flags & 0xFF, stamped)
     except Exception:  # dpkt raises assorted types on hostile bytes; never fail the reader
         return None
 
@@ -156,7 +183,10 @@ class PcapCapture:
         self.device = device or interface
         self._nflog = self.device.startswith("nflog:")
         if self._nflog:
-            snaplen += 128      # the NFLOG header and TLVs come before the packet
+            # For NFLOG the snapshot length is how much of a packet the kernel copies, and libpcap
+            # reads into 128 bytes more, for the headers and attributes before it: a message that
+            # does not fit is an error. A FIN may carry a full segment of data (64 KB after GRO).
+            snaplen = 65535
         self._on_event = on_event
         self._on_error = on_error
         self._snaplen = snaplen
@@ -244,6 +274,8 @@ class PcapCapture:
                 log.warning("pcap_activate on %s: warning %d", self.interface, status)
             if not self._nflog:     # NFLOG: the rules chose the packets already
                 handle.setfilter(BPF_FILTER)
+            else:
+                self._force_receive_buffer(handle.getfd())
             # The kernel counted whatever arrived before the filter was set.
             self._stats_base = handle.stats()
             # Blocking reads poll() without a timeout (libpcap leaves timing to
@@ -259,6 +291,18 @@ class PcapCapture:
             handle.close()
             raise
         return handle
+
+    def _force_receive_buffer(self, fd: int) -> None:
+        """libpcap asks for the buffer with SO_RCVBUF, which net.core.rmem_max caps (about 200 KB):
+        a few hundred messages, a short stall at 2,000 connections a second. As root, force it."""
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self._buffer_bytes)
+        except OSError as exc:
+            log.warning("cannot enlarge the receive buffer of %s to %d bytes: %s", self.device,
+                        self._buffer_bytes, exc)
+        finally:
+            sock.close()
 
     def _run(self, handle, stop: threading.Event) -> None:
         poller = select.poll()  # not select(): the fd may be above FD_SETSIZE

@@ -40,6 +40,7 @@ PREFIX = "NETPROF"
 CT_CHAIN = f"{PREFIX}_CT"
 HOLD_OUT, HOLD_IN = f"{PREFIX}_HOLD_O", f"{PREFIX}_HOLD_I"
 LOG_OUT, LOG_IN = f"{PREFIX}_LOG_O", f"{PREFIX}_LOG_I"
+CAPTURE_REPAIRED = "capture rules in mangle were changed"    # in what verify() says it fixed
 # The code after the prefix: x<hex>_ a 4,096-port chain, y<2 hex> 512 ports, <3 hex> a 64-port leaf,
 # <2 hex>_ a 256-port leaf of the two-level layout.
 _TREE = re.compile(rf"^{PREFIX}_([IO])([LR])(x[0-9a-f]_|y[0-9a-f]{{2}}|[0-9a-f]{{3}}|[0-9a-f]{{2}}_)(.+)$")

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from .attribution import Attribution
+from .chains import CAPTURE_REPAIRED
 from .errors import FirewallError, NotReady, PartialChange, ProfilerError
 from .firewall import Counters, RuleSpec
 from .model import Connection, Record
@@ -101,6 +102,9 @@ class Profiler(Attribution, Restart, Requests):
         self._remove_failures = {}   # cid -> failed attempts to remove its rules
         self._local_side = {}        # held SYN's 4-tuple -> the side on this host, until its SYN-ACK
         self._not_before = {}        # cid -> capture events older than this are another connection's
+        # Connections that took a 4-tuple from one we knew, whose own SYN the capture has not yet
+        # delivered: until it does, a FIN or RST without the kernel's timestamp may be the old one's.
+        self._await_syn = set()
         self._ended = {}          # cid -> Connection that has ended and waits out CLOSE_LINGER
         self._listener_ours = {}  # listening socket inode -> whether a tracked process holds it
         self._remove_since = None  # monotonic time the oldest waiting removal was first deferred
@@ -245,6 +249,12 @@ class Profiler(Attribution, Restart, Requests):
 
     def on_packet(self, ev):
         if ev.syn:
+            if self._await_syn:
+                for key in ((ev.family, ev.src, ev.sport, ev.dst, ev.dport), (ev.family, ev.dst, ev.dport, ev.src,
+                                                                              ev.sport)):
+                    conn = self.conns.get(key)
+                    if conn is not None:
+                        self._await_syn.discard(conn.cid)
             # A held SYN's hook said which side is on this host: the other needs no lookup.
             if ev.ack:   # SYN-ACK: its destination sent the SYN we may have missed
                 sides = self._local_side.pop((ev.family, ev.dst, ev.dport, ev.src, ev.sport), None)
@@ -261,6 +271,10 @@ class Profiler(Attribution, Restart, Requests):
                 continue
             if ev.ts and ev.ts < self._not_before.get(conn.cid, 0.0):
                 continue   # the end of the connection that had this 4-tuple before
+            if not ev.stamped and conn.cid in self._await_syn:
+                # Read from NFLOG after the new SYN was held, but the kernel logged it before: the
+                # group hands packets over in order, and this connection's SYN is not through yet.
+                continue
             if conn.inode and (ev.rst or (ev.fin and sent_by_local)):
                 # Closed by its process (or reset): the next socket will likely get its fd number.
                 self.processes.socket_closed(conn.inode)
@@ -372,6 +386,9 @@ class Profiler(Attribution, Restart, Requests):
                 # FINs and RSTs of the connection that had this 4-tuple before, captured before now
                 # but not yet handled, must not end this one.
                 self._not_before[conn.cid] = self.clock.time()
+                if outgoing and held:
+                    # Its SYN is held: the capture delivers it after every packet logged before.
+                    self._await_syn.add(conn.cid)
             if not outgoing:
                 # The listener's owner may not be the process that accepts: workers forked after
                 # listen() share the socket. Look again once the connection has been accepted.
@@ -443,6 +460,7 @@ class Profiler(Attribution, Restart, Requests):
             self._ended.pop(conn.cid, None)
             self._unresolved.pop(conn.cid, None)
             self._not_before.pop(conn.cid, None)
+            self._await_syn.discard(conn.cid)
             if conn.cid in self._pending_add:
                 # Never committed: nothing to read or remove.
                 del self._pending_add[conn.cid]
@@ -765,6 +783,9 @@ class Profiler(Attribution, Restart, Requests):
             if conn.cid in missing:
                 conn.incomplete_reason = ("its rules were removed or bypassed by another program; counted again "
                                           "from the repair")
+        if any(CAPTURE_REPAIRED in fix for fix in fixes):
+            # SYNs, FINs and RSTs passed unseen while the capture's rules were gone: look at every socket.
+            self._loss_check_left = len(self.conns)
 
     def _scan_listeners(self, pids=None):
         """Local ports that tracked processes listen on: their inbound SYNs are held too.

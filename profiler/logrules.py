@@ -20,7 +20,7 @@ capture's snapshot length, which libpcap asks the kernel for.
 """
 import logging
 
-from .chains import LOG_IN, LOG_OUT
+from .chains import CAPTURE_REPAIRED, LOG_IN, LOG_OUT
 
 log = logging.getLogger("netprofiler")
 
@@ -61,9 +61,11 @@ class CaptureRules:
         """Whether the capture's chains hold one rule per interface and are jumped to once each."""
         names = {c.name for c in mangle.table.chains}
         for chain, builtin, inbound in _HOOKS:
-            if chain not in names or len(mangle.jumps(chain)) != len(self._log_targets(inbound)):
+            if chain not in names or mangle.jumps(chain) != ["NFLOG"] * len(self._log_targets(inbound)):
                 return False
-            if mangle.jumps(builtin).count(chain) != 1:
+            jumps = mangle.jumps(builtin)
+            # First: a rule of another program above ours could take the packets away.
+            if jumps.count(chain) != 1 or jumps[0] != chain:
                 return False
         return True
 
@@ -89,7 +91,7 @@ class CaptureRules:
                         mangle.chain(chain).flush()
                         mangle.table.delete_chain(chain)
                 self._log_rules(mangle)
-            fixes.append(f"the {self._fname(family)} capture rules in mangle were changed by another program")
+            fixes.append(f"the {self._fname(family)} {CAPTURE_REPAIRED} by another program")
             log.warning("put back the %s capture rules in mangle (changed by another program); SYNs, FINs "
                         "and RSTs passed meanwhile were not seen", self._fname(family))
         return fixes

@@ -24,6 +24,9 @@ class ProcessIdentity:
 # How many of a process's most recently seen socket descriptors are read first when looking for a
 # reused descriptor number.
 RECENT_SOCKETS = 64
+# How many sockets whose peer closed first are remembered per process (read at each thorough guess
+# until their number is taken again: one held half-closed stays a read each time).
+CLOSING_SOCKETS = 16
 # How many descriptor numbers above the highest known are tried before listing the descriptors.
 GUESS_ABOVE = 4
 # The processes that owned sockets last are guessed at thoroughly; the others only cheaply.
@@ -168,7 +171,9 @@ class ProcessTable:
         soon, often before we hear of it, and the next socket it opens then takes that number."""
         where = self._socket_fd.get(inode)
         if where is not None:
-            self._closing.setdefault(where[0], deque(maxlen=RECENT_SOCKETS)).append(where[1])
+            closing = self._closing.setdefault(where[0], deque(maxlen=CLOSING_SOCKETS))
+            if where[1] not in closing:     # a retransmitted FIN
+                closing.append(where[1])
 
     def forget(self, pid):
         """`pid` has exited: drop what the cache knows of it."""
@@ -246,7 +251,7 @@ class ProcessTable:
         fd_dir = f"{self._proc}/{pid}/fd"
         top = self._top_fd.get(pid, 0)
         suspects = self._suspect.pop(pid, set())
-        closing = self._closing.get(pid, ())
+        closing = self._closing.get(pid, ()) if thorough else ()
         candidates = (list(suspects) + list(reversed(closing))
                       + [str(top + i) for i in range(1, (GUESS_ABOVE if thorough else 1) + 1)])
         if thorough:
@@ -268,7 +273,7 @@ class ProcessTable:
         if left:
             self._suspect.setdefault(pid, set()).update(left)
         if closing and settled:
-            self._closing[pid] = deque((name for name in closing if name not in settled), maxlen=RECENT_SOCKETS)
+            self._closing[pid] = deque((name for name in closing if name not in settled), maxlen=CLOSING_SOCKETS)
         return found
 
     def _holds_reused(self, pid, needle):

@@ -234,7 +234,11 @@ class RawPath:
                 for name in old:
                     raw.remove_chain(name)
                 raw.commit()
-            except UnknownLayout:
+            except (UnknownLayout, TableChanged, KeyError) as exc:
+                # Not readable as we expect (or changed meanwhile, or a chain missing): the pairs
+                # there are read by libiptc at setup and logged, as when xtblob cannot read it.
+                log.warning("cannot move the rules of the earlier layout in the %s %s table: %r",
+                            self._fname(fam.family), self.table, exc)
                 self._raw.pop(fam.family, None)
                 return None
             except BaseException:

@@ -199,6 +199,7 @@ class Ev:
     dst: str
     dport: int
     flags: int
+    stamped: bool = True
 
     syn = property(lambda self: bool(self.flags & 0x02))
     ack = property(lambda self: bool(self.flags & 0x10))

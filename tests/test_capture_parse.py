@@ -73,18 +73,27 @@ def tlv(kind, value):
     return raw + b"\0" * (-len(raw) % 4)
 
 
-def nflog(pkt, v):
+def nflog(pkt, v, stamp=None):
     """What libpcap reads from an NFLOG group: family, version, group, then the TLVs the kernel
-    sends (packet header, prefix, timestamp, in-interface) and last the packet itself."""
+    sends (packet header, prefix, the timestamp in inbound hooks, interface) and last the packet."""
     return (struct.pack(">BBH", socket.AF_INET if v == 4 else socket.AF_INET6, 0, 7460)
             + tlv(1, struct.pack(">HBB", 0x0800 if v == 4 else 0x86DD, 0, 0))
             + tlv(10, b"np\0")
-            + tlv(3, struct.pack(">QQ", 1_800_000_000, 5))
-            + tlv(4, struct.pack(">I", 3))
+            + (tlv(3, struct.pack(">QQ", *stamp)) if stamp else b"")
+            + tlv(5, struct.pack(">I", 3))
             + tlv(9, bytes(pkt)))
 
 
-LINKS["nflog"] = (239, nflog, 4 + 8 + 8 + 20 + 8 + 4)
+LINKS["nflog"] = (239, nflog, 4 + 8 + 8 + 8 + 4)
+
+
+def test_nflog_time_is_the_kernel_s_when_the_message_has_it():
+    pkt = ip4(tcp(TH_FIN | TH_ACK))
+    inbound = parse_packet(239, nflog(pkt, 4, stamp=(1_800_000_000, 250_000)), "if0", 1_900_000_000.0)
+    assert (inbound.ts, inbound.stamped) == (1_800_000_000.25, True)
+    outbound = parse_packet(239, nflog(pkt, 4), "if0", 1_900_000_000.0)     # libpcap's time of reading
+    assert (outbound.ts, outbound.stamped) == (1_900_000_000.0, False)
+    assert parse_packet(1, frame("en10mb", 4, tcp(TH_SYN))[1], "if0", 5.0).stamped
 
 
 def frame(link, v, seg):
@@ -98,7 +107,8 @@ def test_every_link_type_and_family(link, v):
     datalink, data = frame(link, v, tcp(TH_SYN, 40000, 5201, payload=b"x" * 30))
     _, src, dst, family, _ = IP[v]
     ev = parse_packet(datalink, data, "eth7", 1700000000.25)
-    assert ev == TcpEvent("eth7", 1700000000.25, family, src, 40000, dst, 5201, TH_SYN)
+    # An NFLOG message without the kernel's timestamp keeps libpcap's, and says so.
+    assert ev == TcpEvent("eth7", 1700000000.25, family, src, 40000, dst, 5201, TH_SYN, link != "nflog")
 
 
 @pytest.mark.parametrize("flags, expect", [

@@ -10,7 +10,7 @@ from profiler.clock import FakeClock, SystemClock
 from profiler.config import Config
 from profiler.core import REMOVE_RETRIES, Profiler
 from profiler.errors import IdentityMismatch, NotFound
-from profiler.firewall import Counters
+from profiler.firewall import Counters, RuleSpec
 from synqueue_stub import HeldSynStub
 
 L, R = "10.231.0.1", "10.231.0.2"
@@ -700,6 +700,42 @@ def test_a_4_tuple_taken_again_before_the_old_fins_are_handled_gets_a_record_of_
     for src, sport, dst, dport in ((L, 5000, R, 80), (R, 80, L, 5000)):
         prof.on_packet(Ev("eth9", clock.time() + 1, socket.AF_INET, src, sport, dst, dport, FIN))
     assert second.end_reason == "closed"
+
+
+def test_old_fins_read_from_nflog_without_a_kernel_time_do_not_end_the_new_connection(env):
+    """From NFLOG an outbound packet carries no kernel timestamp, only when it was read: the old
+    connection's FIN, read after the new SYN was held, looks newer than it is. The group hands
+    packets over in order, so until the capture delivers the new connection's own SYN such
+    events are the old connection's."""
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11, 12})
+    held_connection(prof, socks, 11)
+    clock.advance(2)
+    socks.close(L, 5000, R, 80)
+    second = held_connection(prof, socks, 12)
+    read_late = clock.time() + 1     # after the new SYN was held
+    prof.on_packet(Ev("eth9", read_late, socket.AF_INET, L, 5000, R, 80, FIN, stamped=False))
+    assert not second.end_reason and not second.local_fin
+    # The new connection's SYN through the capture, then its own FIN, unstamped too: that ends it.
+    prof.on_packet(Ev("eth9", read_late, socket.AF_INET, L, 5000, R, 80, SYN, stamped=False))
+    prof.on_packet(Ev("eth9", read_late, socket.AF_INET, L, 5000, R, 80, FIN, stamped=False))
+    prof.on_packet(Ev("eth9", read_late, socket.AF_INET, R, 80, L, 5000, FIN))
+    assert second.end_reason == "closed"
+
+
+def test_counts_of_rules_that_could_not_be_moved_at_a_restart_count_for_the_job(env):
+    """A kept connection whose rules an upgrade could not move: what they counted is logged as a
+    leftover with a note, and counts in its job's totals; an unknown leftover counts for no job."""
+    from profiler.firewall import Leftover
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    spec = RuleSpec("k1", "eth9", socket.AF_INET, L, 5000, R, 80, 100, "job#1")
+    stranger = RuleSpec("left1", "eth9", socket.AF_INET, L, 5001, R, 80)
+    prof.req_harvest_leftovers([Leftover(spec, Counters(1, 100, 2, 200), "not moved"),
+                                Leftover(stranger, Counters(1, 7, 1, 8))])
+    job = prof.jobs["job#1"]
+    assert (job.harvested, job.harvested_in, job.harvested_out) == (1, 100, 200)
+    assert [(r.cid, r.note) for r in sink.records][0] == ("k1", "not moved")
 
 
 def test_harvested_records_are_kept_in_the_store_not_in_memory_and_survive_a_restart(tmp_path, monkeypatch):

@@ -175,7 +175,9 @@ def test_capture_rules_removed_by_another_program_are_put_back(netpair):
         back = (conn["remote"], conn["rport"], conn["local"], conn["lport"])
         assert svc.logged(p.iface_a)[back][3] == truth[back]
         code, answer = svc.get("/endprofile/jobid=meddle%232")
+        # Ended by its FINs, which only the capture sees (without it: by the sweep or the exit).
         assert code == 200 and answer["connections"][0]["complete"] is True
+        assert answer["connections"][0]["reason"] == "closed"
     finally:
         svc.stop()
 
