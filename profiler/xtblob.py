@@ -344,11 +344,13 @@ class RawTable:
         # One buffer of every chain's bytes (2 MB at 10,000 rules); then the verdicts of jumps are
         # set to where their targets are now.
         replace = bytearray().join(parts)
-        pack = struct.pack_into
+        # Entries and their verdicts are 8-aligned: set as ints of the buffer, not packed one by one.
+        ints = memoryview(replace).cast("i")
         for c in jumping:
-            at = _REPLACE_HEADER + c.at
+            base, start = (_REPLACE_HEADER + c.at) >> 2, c.at
             for rel, target, inside in c.patches:
-                pack("=i", replace, at + rel, c.at + target if inside else chain_at[target])
+                ints[base + (rel >> 2)] = start + target if inside else chain_at[target]
+        ints.release()
         try:
             _sockopt(self.family, _libc.setsockopt, _SO_SET_REPLACE,
                      (ctypes.c_char * len(replace)).from_buffer(replace), len(replace))
@@ -363,15 +365,30 @@ class RawTable:
         struct.pack_into("=32sI", add, 0, self.name.encode(), count)
         copies = _Copies(ctypes.addressof(add) + _ADD_HEADER, ctypes.addressof(old))
         position = 0
+        # A run of unchanged chains, joined here rather than through copies.add(): a table has a
+        # thousand chains, and all but a few are unchanged at each commit.
+        run_new = run_old = run_n = 0
         for c in self.chains:
             if not c.dirty:
-                copies.add(position, c.start, c.n)
+                if run_n and run_old + run_n == c.start and run_new + run_n == position:
+                    run_n += c.n
+                else:
+                    if run_n:
+                        copies.add(run_new, run_old, run_n)
+                    run_new, run_old, run_n = position, c.start, c.n
             else:
+                if run_n:
+                    copies.add(run_new, run_old, run_n)
+                    run_n = 0
                 # New entries keep the buffer's zeros; kept ones, mostly side by side, move in runs.
                 for k, e in enumerate(c.entries()):
                     if e.index is not None:
                         copies.add(position + k, e.index, 1)
-            c.start, c.dirty, position = position, False, position + c.n
+                c.dirty = False
+            c.start = position
+            position += c.n
+        if run_n:
+            copies.add(run_new, run_old, run_n)
         copies.add(position, self.count - 1, 1)     # the trailer
         copies.flush()
         removed = {e: struct.unpack_from("=QQ", old, 16 * e.index) for e in self._removed}
