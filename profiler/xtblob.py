@@ -267,6 +267,8 @@ class RawTable:
         moving = {id(e) for e in entries}
         src.rules = [e for e in src.rules if id(e) not in moving]
         dst.rules[0:0] = entries
+        if any(e.jump is not None for e in entries):
+            dst.special = True      # its verdicts are set at each commit
 
     def remove_chain(self, name):
         """A user chain and whatever it holds; nothing may jump to it any more."""
