@@ -7,12 +7,13 @@ which spares every other packet the copy a packet socket on the interface costs.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
 import select
 import socket
-import sys
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ DLT_NULL, DLT_EN10MB, DLT_RAW, DLT_LOOP, DLT_LINUX_SLL = 0, 1, 12, 108, 113
 LINKTYPE_RAW, DLT_LINUX_SLL2, DLT_NFLOG = 101, 276, 239
 _NFULA_PAYLOAD = 9     # the NFLOG TLV that holds the packet from its IP header on
 _NFULA_TIMESTAMP = 3   # when the kernel saw it (inbound hooks only): be64 seconds, be64 microseconds
+_TLV = struct.Struct("=HH").unpack_from
+_STAMP = struct.Struct(">QQ").unpack_from
 
 _IP4, _IP6 = dpkt.ip.IP, dpkt.ip6.IP6
 _BY_ETHERTYPE = {0x0800: _IP4, 0x86DD: _IP6}
@@ -54,6 +57,7 @@ _POLL_MS = 50          # bounds how long stop() waits for the thread
 _ERROR_PAUSE_S = 0.2   # keeps a persistent error from spinning
 _PRESENCE_S = 0.5      # how often a capture from NFLOG checks that its interface is still there
 _SO_RCVBUFFORCE = 33
+_EAGAIN = os.strerror(errno.EAGAIN)     # as libpcap words it
 _ACTIVATE_ERRORS = {-5: "no such device", -8: "permission denied", -9: "interface not up",
                     -11: "promiscuous mode not permitted"}
 
@@ -93,22 +97,6 @@ def _network_layer(datalink: int, data: bytes):
     elif datalink in (DLT_RAW, LINKTYPE_RAW):
         off = 0
         cls = {4: _IP4, 6: _IP6}.get(data[0] >> 4) if data else None
-    elif datalink == DLT_NFLOG:
-        # A 4-byte header (family, version, group), then TLVs: length (header included) and type
-        # in host byte order, each padded to 4 bytes.
-        off = 4
-        while off + 4 <= len(data):
-            length, kind = int.from_bytes(data[off:off + 2], sys.byteorder), int.from_bytes(data[off + 2:off + 4],
-                                                                                             sys.byteorder)
-            if length < 4:
-                return None
-            if kind == _NFULA_PAYLOAD:
-                off += 4
-                break
-            off += (length + 3) & ~3
-        else:
-            return None
-        cls = {4: _IP4, 6: _IP6}.get(data[off] >> 4) if off < len(data) else None
     elif datalink in (DLT_NULL, DLT_LOOP):
         # NULL is in the writer's byte order, LOOP in network order: try both.
         if len(data) < 4:
@@ -121,16 +109,21 @@ def _network_layer(datalink: int, data: bytes):
     return (cls, off) if cls is not None else None
 
 
-def _nflog_stamp(data: bytes) -> float | None:
-    """The kernel's timestamp in an NFLOG message, or None when it has none."""
-    off = 4
-    while off + 4 <= len(data):
-        length, kind = int.from_bytes(data[off:off + 2], sys.byteorder), int.from_bytes(data[off + 2:off + 4],
-                                                                                         sys.byteorder)
-        if length < 4 or kind == _NFULA_PAYLOAD:
+def _nflog(data: bytes):
+    """(where the packet starts, the kernel's timestamp or None) in an NFLOG message, or None.
+
+    A 4-byte header (family, version, group), then TLVs: length (header included) and type in
+    host byte order, each padded to 4 bytes; the packet is the payload TLV's value."""
+    off, size, stamp = 4, len(data), None
+    while off + 4 <= size:
+        length, kind = _TLV(data, off)
+        if length < 4:
             return None
-        if kind == _NFULA_TIMESTAMP and length >= 20 and off + 20 <= len(data):
-            return int.from_bytes(data[off + 4:off + 12], "big") + int.from_bytes(data[off + 12:off + 20], "big") / 1e6
+        if kind == _NFULA_PAYLOAD:
+            return off + 4, stamp
+        if kind == _NFULA_TIMESTAMP and length >= 20 and off + 20 <= size:
+            sec, usec = _STAMP(data, off + 4)
+            stamp = sec + usec / 1e6
         off += (length + 3) & ~3
     return None
 
@@ -142,14 +135,21 @@ def parse_packet(datalink: int, data: bytes, interface: str, ts: float) -> TcpEv
     try:
         stamped = True
         if datalink == DLT_NFLOG:
-            # libpcap stamps an NFLOG message when it reads it
-            kernel = _nflog_stamp(data)
+            found = _nflog(data)
+            if found is None:
+                return None
+            off, kernel = found
+            cls = {4: _IP4, 6: _IP6}.get(data[off] >> 4) if off < len(data) else None
+            if cls is None:
+                return None
+            # libpcap stamps an NFLOG message when it reads it: the kernel's time, when there is one
             stamped = kernel is not None
             ts = kernel if stamped else ts
-        found = _network_layer(datalink, data)
-        if found is None:
-            return None
-        cls, off = found
+        else:
+            found = _network_layer(datalink, data)
+            if found is None:
+                return None
+            cls, off = found
         ip = cls(bytes(data[off:]))
         tcp = ip.data  # dpkt leaves raw bytes here for non-TCP and later fragments
         if not isinstance(tcp, dpkt.tcp.TCP):
@@ -157,9 +157,11 @@ def parse_packet(datalink: int, data: bytes, interface: str, ts: float) -> TcpEv
         v4 = cls is _IP4
         if ip.v != (4 if v4 else 6):  # the ethertype or AF said otherwise: garbage
             return None
-        family, addr = ((socket.AF_INET, ipaddress.IPv4Address) if v4
-                        else (socket.AF_INET6, ipaddress.IPv6Address))
-        return TcpEvent(interface, ts, family, str(addr(ip.src)), tcp.sport,
+        if v4:      # inet_ntop writes IPv4 as ipaddress does, and is a tenth of its cost
+            return TcpEvent(interface, ts, socket.AF_INET, socket.inet_ntop(socket.AF_INET, ip.src), tcp.sport,
+                            socket.inet_ntop(socket.AF_INET, ip.dst), tcp.dport, tcp.flags & 0xFF, stamped)
+        addr = ipaddress.IPv6Address
+        return TcpEvent(interface, ts, socket.AF_INET6, str(addr(ip.src)), tcp.sport,
                         str(addr(ip.dst)), tcp.dport, tcp.flags & 0xFF, stamped)
     except Exception:  # dpkt raises assorted types on hostile bytes; never fail the reader
         return None
@@ -281,9 +283,8 @@ class PcapCapture:
             # Blocking reads poll() without a timeout (libpcap leaves timing to
             # the kernel, which wakes readers only for non-empty blocks): on an
             # idle link stop() could never end one.  So: non-blocking + our poll.
-            # (libpcap's NFLOG reader takes EAGAIN for an error: it reads only after our poll.)
-            if not self._nflog:
-                handle.setnonblock(1)
+            # (libpcap's NFLOG reader reports the end of what is there, EAGAIN, as an error.)
+            handle.setnonblock(1)
         except pcapy.PcapError as exc:
             handle.close()
             raise CaptureError(f"{what}: {exc}") from exc
@@ -341,14 +342,17 @@ class PcapCapture:
                 handle.close()
 
     def _drain(self, handle, stop: threading.Event, poller) -> None:
-        # In non-blocking mode dispatch() hands over one ring block and 0 once empty. NFLOG is
-        # read blocking, one netlink message per dispatch(), for as long as poll() says one waits.
+        # In non-blocking mode dispatch() hands over one ring block and 0 once empty; from NFLOG
+        # one netlink message, and once empty libpcap's error for EAGAIN.
         while not stop.is_set():
             with self._lock:
-                if handle.dispatch(-1, self._on_packet) <= 0:
-                    return
-            if self._nflog and not poller.poll(0):
-                return
+                try:
+                    if handle.dispatch(-1, self._on_packet) <= 0:
+                        return
+                except pcapy.PcapError as exc:
+                    if self._nflog and _EAGAIN in str(exc):
+                        return
+                    raise
 
     def _on_packet(self, hdr, data: bytes) -> None:
         if self._stop.is_set():  # stop() from on_event: skip the rest of the block
