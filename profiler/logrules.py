@@ -9,13 +9,14 @@ packet the device sends (the kernel clones before the socket's filter can say no
 rule that only SYN, FIN and RST packets reach cost nothing measurable.
 
   mangle PREROUTING  -p tcp ! --tcp-flags FIN,SYN,RST NONE -j NETPROF_LOG_I
-  NETPROF_LOG_I      -i <iface> -j NFLOG --nflog-group <group> --nflog-threshold 1
+  NETPROF_LOG_I      -i <iface> -j NFLOG --nflog-group <group> --nflog-threshold 16
   mangle POSTROUTING (the same, -o) -> NETPROF_LOG_O
 
 PREROUTING: inbound packets are seen where the interface's own capture saw them, before the
 SYN hold in mangle INPUT. POSTROUTING: outbound ones after it, as the connection's socket
-addresses them (before any SNAT). --nflog-threshold 1: without it the kernel gathers up to 100
-packets, or one second, before it hands them over. How much of a packet is copied is the
+addresses them (before any SNAT). --nflog-threshold 16: the kernel hands over what it gathered
+at 16 packets, or when the capture's flush timeout (10 ms) is up; without the threshold it
+gathers up to 100 packets, and waits a second by default. How much of a packet is copied is the
 capture's snapshot length, which libpcap asks the kernel for.
 """
 import logging
@@ -23,6 +24,10 @@ import logging
 from .chains import CAPTURE_REPAIRED, LOG_IN, LOG_OUT
 
 log = logging.getLogger("netprofiler")
+
+# How many packets the kernel may gather before handing them over in one read; the capture sets
+# how long it may wait (capture.NFLOG_FLUSH_CS, 10 ms) instead of the kernel's second.
+NFLOG_BATCH = 16
 
 _HOOKS = ((LOG_IN, "PREROUTING", True), (LOG_OUT, "POSTROUTING", False))
 
@@ -44,7 +49,7 @@ class CaptureRules:
                 else:
                     r.out_interface = iface
                 t = r.create_target("NFLOG")
-                t.nflog_group, t.nflog_threshold = str(group), "1"
+                t.nflog_group, t.nflog_threshold = str(group), str(NFLOG_BATCH)
                 mangle.chain(chain).append_rule(r)
             jump = mangle.rule_cls()
             jump.protocol = "tcp"

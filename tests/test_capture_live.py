@@ -245,7 +245,7 @@ def test_single_syn_is_delivered_promptly(netpair, source):
     """The immediate-mode stand-in: a lone SYN must not wait for a ring block
     to fill or for a long timeout.  Without it this fails: with
     NP_CAPTURE_BLOCK_TIMEOUT_MS=0 (libpcap's default) nothing is delivered at
-    all, with =100 the delays are ~45-85 ms. From NFLOG: without --nflog-threshold 1
+    all, with =100 the delays are ~45-85 ms. From NFLOG: without the capture's flush timeout (10 ms)
     the kernel holds packets up to a second."""
     cap = Capture(netpair.a, netpair.iface_a, source=source)
     closed_port = 9

@@ -107,9 +107,9 @@ def test_capture_rules_are_ours_to_put_back_and_to_remove(netpair):
     assert sorted(out["first"]) == sorted([
         ":NETPROF_LOG_I - [0:0]", ":NETPROF_LOG_O - [0:0]",
         f"-A PREROUTING {jump}I", f"-A POSTROUTING {jump}O",
-        "-A NETPROF_LOG_I -i eth9 -j NFLOG --nflog-group 7460 --nflog-threshold 1",
-        "-A NETPROF_LOG_O -o eth9 -j NFLOG --nflog-group 7460 --nflog-threshold 1",
-        "-A NETPROF_LOG_O -o lo -j NFLOG --nflog-group 7461 --nflog-threshold 1"])
+        "-A NETPROF_LOG_I -i eth9 -j NFLOG --nflog-group 7460 --nflog-threshold 16",
+        "-A NETPROF_LOG_O -o eth9 -j NFLOG --nflog-group 7460 --nflog-threshold 16",
+        "-A NETPROF_LOG_O -o lo -j NFLOG --nflog-group 7461 --nflog-threshold 16"])
     assert out["clean"] == [[], []]
     assert f"-A POSTROUTING {jump}O" not in out["broken"]
     assert out["fixes"][0] == ["the IPv4 capture rules in mangle were changed by another program"]
