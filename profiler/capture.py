@@ -59,7 +59,9 @@ _PRESENCE_S = 0.5      # how often a capture from NFLOG checks that its interfac
 _SO_RCVBUFFORCE = 33
 # nfnetlink_log's configuration message: (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, its timeout attribute
 _NFULNL_MSG_CONFIG, _NFULA_CFG_TIMEOUT, _NLM_F_REQUEST = (4 << 8) | 1, 4, 1
+_NFULA_CFG_MODE, _NFULNL_COPY_PACKET = 2, 2
 NFLOG_FLUSH_CS = 1      # 10 ms: the longest an event waits in the kernel for others to share a read
+NFLOG_COPY = 256        # bytes of a packet copied: its IP and TCP headers, options and all
 _EAGAIN = os.strerror(errno.EAGAIN)     # as libpcap words it
 _ACTIVATE_ERRORS = {-5: "no such device", -8: "permission denied", -9: "interface not up",
                     -11: "promiscuous mode not permitted"}
@@ -188,9 +190,8 @@ class PcapCapture:
         self.device = device or interface
         self._nflog = self.device.startswith("nflog:")
         if self._nflog:
-            # For NFLOG the snapshot length is how much of a packet the kernel copies, and libpcap
-            # reads into 128 bytes more, for the headers and attributes before it: a message that
-            # does not fit is an error. A FIN may carry a full segment of data (64 KB after GRO).
+            # libpcap reads NFLOG into a buffer of the snapshot length and 128 bytes: a read holds up
+            # to logrules.NFLOG_BATCH messages, each its attributes and NFLOG_COPY bytes of a packet.
             snaplen = 65535
         self._on_event = on_event
         self._on_error = on_error
@@ -316,6 +317,10 @@ class PcapCapture:
         cost the profiler thread's GIL dearly at 2,000 connections a second)."""
         group = int(self.device[6:])
         attr = struct.pack("=HH", 8, _NFULA_CFG_TIMEOUT) + struct.pack(">I", NFLOG_FLUSH_CS)
+        # And copy at most NFLOG_COPY bytes of each packet (libpcap asked for the snapshot length):
+        # sixteen 64 KB FINs in one read would not fit libpcap's buffer, and the headers are all we read.
+        attr += struct.pack("=HH", 10, _NFULA_CFG_MODE) + struct.pack(">IBB", NFLOG_COPY, _NFULNL_COPY_PACKET, 0)
+        attr += b"\0" * (-len(attr) % 4)
         body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(group)) + attr
         msg = struct.pack("=IHHII", 16 + len(body), _NFULNL_MSG_CONFIG, _NLM_F_REQUEST, 0, 0) + body
         sock = socket.socket(fileno=os.dup(fd))
@@ -334,7 +339,7 @@ class PcapCapture:
             while not stop.is_set():
                 try:
                     if poller.poll(_POLL_MS):
-                        self._drain(handle, stop, poller)
+                        self._drain(handle, stop)
                     if self._nflog and time.monotonic() - looked > _PRESENCE_S:
                         # The group outlives the interface: say it is gone, as a capture on it would.
                         looked = time.monotonic()
@@ -362,9 +367,9 @@ class PcapCapture:
                 self._handle = None
                 handle.close()
 
-    def _drain(self, handle, stop: threading.Event, poller) -> None:
+    def _drain(self, handle, stop: threading.Event) -> None:
         # In non-blocking mode dispatch() hands over one ring block and 0 once empty; from NFLOG
-        # one netlink message, and once empty libpcap's error for EAGAIN.
+        # one read (up to logrules.NFLOG_BATCH messages), and once empty libpcap's error for EAGAIN.
         while not stop.is_set():
             with self._lock:
                 try:

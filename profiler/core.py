@@ -386,8 +386,11 @@ class Profiler(Attribution, Restart, Requests):
                 # FINs and RSTs of the connection that had this 4-tuple before, captured before now
                 # but not yet handled, must not end this one.
                 self._not_before[conn.cid] = self.clock.time()
-                if outgoing and held:
-                    # Its SYN is held: the capture delivers it after every packet logged before.
+                if held and iface != "lo":
+                    # Its SYN is held: the capture delivers it (logged after the hold going out,
+                    # before it coming in, and handed over in batches, so later than the held
+                    # one) after every packet logged before. On lo packets are logged going out
+                    # only: an inbound SYN's copy may come first.
                     self._await_syn.add(conn.cid)
             if not outgoing:
                 # The listener's owner may not be the process that accepts: workers forked after
