@@ -723,6 +723,36 @@ def test_old_fins_read_from_nflog_without_a_kernel_time_do_not_end_the_new_conne
     assert second.end_reason == "closed"
 
 
+def test_old_fins_read_late_do_not_end_an_inbound_connection_that_took_the_4_tuple(env):
+    """The same for a tracked server: a client reuses its 4-tuple (a new accepted socket, its SYN
+    held in INPUT) before our side's FIN of the old connection, logged without a kernel time,
+    is read."""
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={55, 66, 67})
+    socks.listen(L, 9100, inode=55)
+
+    def held_inbound(inode):
+        socks.connect(L, 9100, R, 40000, inode=inode, state="ESTABLISHED")
+        prof.on_held_syns([(HeldSynStub(socket.AF_INET, R, 40000, L, 9100, hook=1), lambda: None)])
+        prof.flush()
+        clock.advance(0.01)
+        prof.resolve_accepted(force=True)
+        return next(c for c in prof.conns.values() if c.lport == 9100)
+
+    first = held_inbound(66)
+    assert first.inode == 66
+    clock.advance(2)
+    second = held_inbound(67)
+    assert second.cid != first.cid
+    read_late = clock.time() + 1
+    prof.on_packet(Ev("eth9", read_late, socket.AF_INET, L, 9100, R, 40000, FIN, stamped=False))
+    assert not second.local_fin
+    # The new SYN through the capture (logged before the hold, with the kernel's time), then our FIN.
+    prof.on_packet(Ev("eth9", clock.time(), socket.AF_INET, R, 40000, L, 9100, SYN))
+    prof.on_packet(Ev("eth9", read_late, socket.AF_INET, L, 9100, R, 40000, FIN, stamped=False))
+    assert second.local_fin
+
+
 def test_counts_of_rules_that_could_not_be_moved_at_a_restart_count_for_the_job(env):
     """A kept connection whose rules an upgrade could not move: what they counted is logged as a
     leftover with a note, and counts in its job's totals; an unknown leftover counts for no job."""
