@@ -282,7 +282,7 @@ class PcapCapture:
                 handle.setfilter(BPF_FILTER)
             else:
                 self._force_receive_buffer(handle.getfd())
-                self._nflog_flush_timeout(handle.getfd())
+                self._configure_nflog(handle.getfd())
             # The kernel counted whatever arrived before the filter was set.
             self._stats_base = handle.stats()
             # Blocking reads poll() without a timeout (libpcap leaves timing to
@@ -310,9 +310,9 @@ class PcapCapture:
         finally:
             sock.close()
 
-    def _nflog_flush_timeout(self, fd: int) -> None:
+    def _configure_nflog(self, fd: int) -> None:
         """The group hands over what it gathered at least every NFLOG_FLUSH_CS hundredths of a
-        second (the kernel's default is a second): the rules let it gather up to
+        second (the kernel's default is a second), each packet cut to NFLOG_COPY bytes: the rules let it gather up to
         logrules.NFLOG_BATCH packets, so that under load one read takes many (a read per packet
         cost the profiler thread's GIL dearly at 2,000 connections a second)."""
         group = int(self.device[6:])
@@ -327,7 +327,7 @@ class PcapCapture:
         try:
             sock.send(msg)
         except OSError as exc:
-            raise CaptureError(f"cannot set the flush timeout of {self.device}: {exc}") from None
+            raise CaptureError(f"cannot configure {self.device}: {exc}") from None
         finally:
             sock.close()
 

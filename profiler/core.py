@@ -618,16 +618,20 @@ class Profiler(Attribution, Restart, Requests):
             note += f"; uncounted: the first {max(0.0, conn.rules_at - conn.opened) * 1000:.1f} ms"
         rec = self._make_record(conn, counters, complete, source, note)
         self.stats["harvested"] += 1
-        job = self.jobs.get(conn.job)
+        self._count_for_job(rec)
+        if write:
+            self._write([rec])
+        return rec
+
+    def _count_for_job(self, rec):
+        """The record into its job's totals, and kept (in the store, or in memory without one)."""
+        job = self.jobs.get(rec.job)
         if job is not None:
             job.count(rec)
             if self.store is None:
                 job.records.append(rec)
             else:
                 self._new_records.append(rec)
-        if write:
-            self._write([rec])
-        return rec
 
     def _make_record(self, conn, counters, complete, source, note, reason=None, open_now=False):
         return Record(conn.cid, conn.job, conn.pid, conn.interface, conn.family, conn.local, conn.lport,

@@ -472,12 +472,13 @@ class IptablesFirewall(RawPath, CaptureRules):
         stale = [n for n in existing if n.startswith(PREFIX + "_") and n not in tops and n != CT_CHAIN
                  and (chain_info(n) is None or chain_info(n)[2] not in self.interfaces or outdated(n))]
         doomed = set(stale)
-        for name in existing - doomed:      # hops to a stale chain from one that stays
-            if name.startswith(PREFIX + "_") and doomed & set(fam.jumps(name)):
-                for index, target in reversed(list(enumerate(fam.jumps(name)))):
-                    if target in doomed and fam.table._iptc.iptc_delete_num_entry(
-                            name.encode(), index, fam.table._handle) != 1:
-                        raise iptc.IPTCError(f"cannot delete rule {index} of {name}")
+        for name in (existing - doomed) if doomed else ():     # hops to a stale chain from one that stays
+            if not name.startswith(PREFIX + "_"):
+                continue
+            for index, target in reversed(list(enumerate(fam.jumps(name)))):
+                if target in doomed and fam.table._iptc.iptc_delete_num_entry(
+                        name.encode(), index, fam.table._handle) != 1:
+                    raise iptc.IPTCError(f"cannot delete rule {index} of {name}")
         for name in stale:
             fam.chain(name).flush()
         for name in stale:

@@ -196,13 +196,8 @@ class Requests:
                          c.in_bytes, c.in_packets, c.out_bytes, c.out_packets, now, now, "restart", False, "rules",
                          note=note)
             self.sink.write(rec)
-            job = self.jobs.get(s.job) if left.note else None
-            if job is not None:
+            if left.note:
                 # The first part of a connection that goes on (its rules could not be moved): its
                 # job's totals hold both parts.
-                job.count(rec)
-                if self.store is None:
-                    job.records.append(rec)
-                else:
-                    self._new_records.append(rec)
+                self._count_for_job(rec)
         return len(leftovers)

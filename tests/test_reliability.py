@@ -24,6 +24,15 @@ def live_out_bytes(svc, job):
     return answer["totals"]["out_bytes"] if code == 200 else 0
 
 
+def restart(svc, p):
+    """The service started again on `svc`'s config, state and logs, after `svc` was killed."""
+    restarted = Service(p.a, [p.iface_a])
+    restarted.dir, restarted.config_path, restarted.log_dir = svc.dir, svc.config_path, svc.log_dir
+    restarted.out_path = svc.out_path + ".2"
+    restarted.start()
+    return restarted
+
+
 def test_kill_9_in_the_middle_of_100MB_then_restart_loses_nothing(netpair):
     p = netpair
     svc = Service(p.a, [p.iface_a])
@@ -39,10 +48,7 @@ def test_kill_9_in_the_middle_of_100MB_then_restart_loses_nothing(netpair):
         svc.proc.send_signal(signal.SIGKILL)
         svc.proc.wait(10)
         time.sleep(0.3)     # the transfer goes on while no service runs
-        restarted = Service(p.a, [p.iface_a])
-        restarted.dir, restarted.config_path, restarted.log_dir = svc.dir, svc.config_path, svc.log_dir
-        restarted.out_path = svc.out_path + ".2"
-        restarted.start()
+        restarted = restart(svc, p)
         assert "carried on with 1 jobs" in restarted.output()
         conn = json.loads(client.stdout.readline())
         client.stdin.close()
@@ -123,10 +129,7 @@ def test_an_upgrade_from_the_two_level_layout_moves_live_rules_and_loses_nothing
                       if line.startswith(":") and outdated(line.split()[0][1:])]
         assert len(old_leaves) == 2, old_leaves       # the connection's, one a direction
         os.kill(client.pid, signal.SIGCONT)
-        restarted = Service(p.a, [p.iface_a])
-        restarted.dir, restarted.config_path, restarted.log_dir = svc.dir, svc.config_path, svc.log_dir
-        restarted.out_path = svc.out_path + ".2"
-        restarted.start()
+        restarted = restart(svc, p)
         assert "moved 2 rules" in restarted.output() and "carried on with 1 jobs" in restarted.output()
         conn = json.loads(client.stdout.readline())
         client.stdin.close()
