@@ -61,6 +61,9 @@ class Config:
     # itself, which costs every packet the interface sends a copy).
     capture: str = "nflog"
     nflog_group: int = 7460
+    # The conntrack mark bit of the fast path (0: off): only packets of connections with this bit
+    # walk our chains; every other packet passes one rule. Needs HOLD_SYNS and CONNTRACK.
+    fast_path_mark: int = 0x10000000
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -97,6 +100,16 @@ def _queue_num(key, raw):
     value = _positive_int(key, raw, 0)
     if value > 65535:
         raise ConfigError(key, f"{raw!r} must be at most 65535")
+    return value
+
+
+def _mark_bit(key, raw):
+    try:
+        value = int(raw.strip(), 0)
+    except ValueError:
+        raise ConfigError(key, f"{raw!r} is not a number (0x10000000, or 0 for off)") from None
+    if value < 0 or value >= 1 << 32 or value & (value - 1):
+        raise ConfigError(key, f"{raw!r} must be one bit of a 32-bit mark (0x1 to 0x80000000), or 0 for off")
     return value
 
 
@@ -197,6 +210,7 @@ _PARSERS = {
     "RULE_TABLES": ("rule_tables", _rule_tables),
     "CAPTURE": ("capture", lambda k, v: _choice(k, v, ("nflog", "interface"))),
     "NFLOG_GROUP": ("nflog_group", _queue_num),
+    "FAST_PATH_MARK": ("fast_path_mark", _mark_bit),
 }
 KNOWN_KEYS = tuple(_PARSERS)
 

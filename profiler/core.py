@@ -69,8 +69,10 @@ class _Stop:
 
 class Profiler(Attribution, Restart, Requests):
     def __init__(self, config, firewall, processes, sockets, sink, clock, conntrack=None, queue_size=100_000,
-                 store=None):
+                 store=None, marks=None):
         self.store = store
+        # The fast path's conntrack mark (ctmark.ConnMarks), or None when it is off.
+        self.marks = marks
         # What the durable store still has to learn, written in the next flush.
         self._dirty_jobs, self._dropped_jobs = set(), set()
         self._dirty_procs, self._dropped_procs = set(), set()
@@ -542,6 +544,7 @@ class Profiler(Attribution, Restart, Requests):
                 removes = [(c, s) for c, s in removes if c.cid not in later]
         harvested = {}
         started = time.perf_counter()
+        self._mark_late([c for c, _ in adds if not c.rules_before_first_packet])
         try:
             self._persist(new_conns=[c for c, _ in adds])
             if adds or removes:
@@ -575,6 +578,7 @@ class Profiler(Attribution, Restart, Requests):
             for release in releases:
                 release()
         records = []
+        self._check_marks([c for c, _ in removes if c.rules_before_first_packet])
         for conn, _ in removes:
             self._remove_failures.pop(conn.cid, None)
             records.append(self._record(conn, harvested.get(conn.cid), committed=True, write=False))
@@ -585,6 +589,41 @@ class Profiler(Attribution, Restart, Requests):
             log.exception("cannot write the durable state")
         if removes:
             self.observe_harvest(time.perf_counter() - started)
+
+    # --- the fast path's conntrack mark -------------------------------------------
+
+    def _mark_late(self, conns):
+        """Mark connections whose rules come after their first packet (a held SYN's connection is
+        marked by the rule before its hold): their rules count what follows, for the record of one
+        conntrack cannot complete. Marked before the commit, so that no packet after it goes past."""
+        if self.marks is None or not conns:
+            return
+        try:
+            self.marks.set([(c.family, c.local, c.lport, c.remote, c.rport) for c in conns])
+        except OSError as exc:
+            log.warning("cannot mark %d connections for the fast path: %s", len(conns), exc)
+
+    def _check_marks(self, conns):
+        """Connections counted by their rules alone, before their records: an entry without the mark
+        (conntrack flushed, or its mark rewritten by another program) let packets pass uncounted,
+        and the record must not say complete (conntrack may still complete it)."""
+        if self.marks is None or not conns:
+            return
+        by_tuple = {(c.family, c.local, c.lport, c.remote, c.rport): c for c in conns}
+        try:
+            unmarked = self.marks.unmarked(by_tuple)
+        except OSError as exc:
+            log.warning("cannot read the fast-path mark of %d connections: %s", len(conns), exc)
+            unmarked = dict.fromkeys(by_tuple, True)   # unknown: not claimed complete
+        lost = [by_tuple[t] for t, gone in unmarked.items() if gone]
+        for conn in lost:
+            conn.incomplete_reason = conn.incomplete_reason or (
+                "its conntrack entry lost the fast-path mark (conntrack flushed, or the mark rewritten by "
+                "another program): packets after that passed its rules uncounted")
+        if lost:
+            self.stats["fast_path_unmarked"] = self.stats.get("fast_path_unmarked", 0) + len(lost)
+            log.warning("%d connections' conntrack entries had lost the fast-path mark %#x: their rule "
+                        "counts are not taken as complete", len(lost), self.marks.bit)
 
     def _write(self, records):
         if not records:

@@ -245,7 +245,7 @@ class _Family:
             entry = self.table.next_rule(entry)
         return out
 
-    def syn_rule(self, target, iface=None, inbound=False, uid=None, dport=None, queue_num=None):
+    def syn_rule(self, target, iface=None, inbound=False, uid=None, dport=None, queue_num=None, mark=None):
         r = self.rule_cls()
         r.protocol = "tcp"
         if iface and iface != "any":
@@ -263,17 +263,22 @@ class _Family:
         if queue_num is not None:
             t.queue_num = str(queue_num)
             t.queue_bypass = "1"
+        if mark is not None:
+            t.set_xmark = f"{mark:#x}/{mark:#x}"
         return r
 
 
 class IptablesFirewall(RawPath, CaptureRules):
-    def __init__(self, interfaces, lock=None, queue_num=None, table="filter", nflog_groups=None):
+    def __init__(self, interfaces, lock=None, queue_num=None, table="filter", nflog_groups=None, fast_mark=0):
         """`table`: where the connection rules and their chains go. Only the one in "filter" also
         looks after the SYN hold chains in mangle (shards.py puts half the rules in "security"),
-        and the capture's NFLOG rules (logrules.py) for `nflog_groups` ({interface: group})."""
+        and the capture's NFLOG rules (logrules.py) for `nflog_groups` ({interface: group}).
+        `fast_mark`: the conntrack mark bit of the fast path (ctmark.py), 0 for none: only packets
+        of marked connections take the jumps into our chains, and held SYNs get it."""
         self.interfaces = tuple(interfaces)
         self.lock = lock or XtablesLock()
         self.queue_num = queue_num
+        self.fast_mark = fast_mark
         self.nflog_groups = dict(nflog_groups or {})
         self.table = table
         self.families = (socket.AF_INET, socket.AF_INET6)   # where setup() and verify() look
@@ -411,7 +416,7 @@ class IptablesFirewall(RawPath, CaptureRules):
                     leftovers.append(Leftover(specs[cid], counters, note))
                 for cid in present - drop - stranded:
                     self._own(specs[cid])
-                self._ensure_structure(fam)
+                self._ensure_structure(fam, rejump=True)
             if self.table != "filter":
                 continue
             mangle = self._mangle(family)
@@ -455,9 +460,10 @@ class IptablesFirewall(RawPath, CaptureRules):
         for chain in ours:
             fam.table.delete_chain(chain.name)
 
-    def _ensure_structure(self, fam):
+    def _ensure_structure(self, fam, rejump=False):
         """Our chains exist and are reached as they should be: one jump each at the top of INPUT /
-        OUTPUT, and every dispatch hop to each leaf in use. Returns the fixes made."""
+        OUTPUT, and every dispatch hop to each leaf in use. Returns the fixes made. With `rejump`
+        (setup) the jumps are made anew: an earlier run's may differ in their fast-path match."""
         fixes = []
         tops = {}
         for iface in self.interfaces:
@@ -493,20 +499,21 @@ class IptablesFirewall(RawPath, CaptureRules):
         for builtin in ("INPUT", "OUTPUT"):
             ours = [name for name, (b, _) in tops.items() if b == builtin]
             jumps = fam.jumps(builtin)
-            if sorted(jumps[:len(ours)]) == sorted(ours) and sum(j.startswith(PREFIX + "_") for j in jumps) == len(ours):
+            if (not rejump and sorted(jumps[:len(ours)]) == sorted(ours)
+                    and sum(j.startswith(PREFIX + "_") for j in jumps) == len(ours)):
                 continue
-            fixes.append(f"jumps from {builtin} were moved or removed")
+            if not rejump:
+                fixes.append(f"jumps from {builtin} were moved or removed")
             chain = fam.chain(builtin)
             for rule in chain.rules:
                 if rule.target and rule.target.name.startswith(PREFIX + "_"):
                     chain.delete_rule(rule)
             for name in ours:
-                iface = tops[name][1]
-                match_iface = None if iface == "any" else iface
-                if builtin == "INPUT":
-                    chain.insert_rule(fam.rule(None, 0, None, 0, name, in_iface=match_iface))
-                else:
-                    chain.insert_rule(fam.rule(None, 0, None, 0, name, out_iface=match_iface))
+                iface = None if tops[name][1] == "any" else tops[name][1]
+                jump = fam.rule(None, 0, None, 0, name, **{"in_iface" if builtin == "INPUT" else "out_iface": iface})
+                if self.fast_mark:
+                    jump.create_match("connmark").mark = f"{self.fast_mark:#x}/{self.fast_mark:#x}"
+                chain.insert_rule(jump)
         # Dispatch hops of the tree: every leaf in use must be reachable.
         jumps = {}
         for spec in self._installed.values():
@@ -565,12 +572,13 @@ class IptablesFirewall(RawPath, CaptureRules):
                 out_chain.flush()
                 in_chain.flush()
                 for iface in self.interfaces:
-                    for uid in sorted(wanted[0]):
-                        out_chain.append_rule(mangle.syn_rule("NFQUEUE", iface, False, uid=uid,
-                                                              queue_num=self.queue_num))
-                    for port in sorted(wanted[1]):
-                        in_chain.append_rule(mangle.syn_rule("NFQUEUE", iface, True, dport=port,
-                                                             queue_num=self.queue_num))
+                    for chain, inbound, match in ([(out_chain, False, {"uid": u}) for u in sorted(wanted[0])]
+                                                  + [(in_chain, True, {"dport": p}) for p in sorted(wanted[1])]):
+                        if self.fast_mark:
+                            # The connection of a held SYN is marked first: from the SYN on, each of
+                            # its packets takes the fast path's jump to its rules.
+                            chain.append_rule(mangle.syn_rule("CONNMARK", iface, inbound, mark=self.fast_mark, **match))
+                        chain.append_rule(mangle.syn_rule("NFQUEUE", iface, inbound, queue_num=self.queue_num, **match))
         self._hold = wanted
 
     # --- rule pairs -----------------------------------------------------------

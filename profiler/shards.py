@@ -46,6 +46,14 @@ class ShardedFirewall:
         self.primary.queue_num = value
 
     @property
+    def fast_mark(self):
+        return self.primary.fast_mark
+
+    @fast_mark.setter
+    def fast_mark(self, value):
+        self.primary.fast_mark = self.secondary.fast_mark = value
+
+    @property
     def interfaces(self):
         return self.primary.interfaces
 

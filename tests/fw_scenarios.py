@@ -247,6 +247,30 @@ def capture_rules_put_back():
     return out
 
 
+def fast_path_jumps_and_hold_marks():
+    """An earlier run without the fast path left plain jumps and a pair; a start with FAST_PATH_MARK
+    makes every jump (both families, INPUT and OUTPUT) match the mark, once, however often setup
+    runs; the hold chains mark a tracked owner's or port's SYN before queueing it."""
+    lines = lambda tool="iptables-legacy-save": [  # noqa: E731
+        line for line in subprocess.run([tool], capture_output=True, text=True).stdout.splitlines()
+        if "NETPROF" in line and line.startswith(("-A INPUT", "-A OUTPUT", "-A NETPROF_HOLD"))]
+    old = IptablesFirewall([IFACE])
+    old.setup()
+    old.apply([spec("k1", 40001)], [])
+    before = lines()
+    fw = IptablesFirewall([IFACE], queue_num=7913, fast_mark=0x10000000)
+    fw.setup(keep={"k1": spec("k1", 40001)})
+    fw.setup(keep={"k1": spec("k1", 40001)})
+    fw.set_hold({1000}, {8080})
+    out = {"before": before, "after": lines(), "after6": lines("ip6tables-legacy-save"),
+           "installed": sorted(fw.installed)}
+    fw.teardown()
+    out["left"] = [line for tool in ("iptables-legacy-save", "ip6tables-legacy-save")
+                   for line in subprocess.run([tool], capture_output=True, text=True).stdout.splitlines()
+                   if "NETPROF" in line]
+    return out
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.ERROR)
     result = globals()[sys.argv[1]]()

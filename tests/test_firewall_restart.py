@@ -115,3 +115,26 @@ def test_capture_rules_are_ours_to_put_back_and_to_remove(netpair):
     assert out["fixes"][0] == ["the IPv4 capture rules in mangle were changed by another program"]
     assert sorted(out["repaired"]) == sorted(out["first"])
     assert out["after"] == []
+
+
+def test_the_fast_path_mark_is_on_every_jump_once_and_on_held_syns(netpair):
+    out = scenario(netpair.a, "fast_path_jumps_and_hold_marks")
+    mark = "-m connmark --mark 0x10000000/0x10000000"
+    assert sorted(out["before"]) == ["-A INPUT -i eth9 -j NETPROF_I_eth9", "-A OUTPUT -o eth9 -j NETPROF_O_eth9"]
+    jumps = [line for line in out["after"] if line.startswith(("-A INPUT", "-A OUTPUT")) and "HOLD" not in line]
+    assert sorted(jumps) == [f"-A INPUT -i eth9 {mark} -j NETPROF_I_eth9", f"-A OUTPUT -o eth9 {mark} -j NETPROF_O_eth9"]
+    assert sorted(line for line in out["after6"] if "HOLD" not in line) == sorted(jumps)
+    assert out["installed"] == ["k1"]          # the pair the earlier run made is kept
+    # In each chain's order: the mark first, then the queue.
+    hold = ([line for line in out["after"] if line.startswith("-A NETPROF_HOLD_O")]
+            + [line for line in out["after"] if line.startswith("-A NETPROF_HOLD_I")])
+    assert hold == [
+        "-A NETPROF_HOLD_O -o eth9 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m owner --uid-owner 1000 "
+        "-j CONNMARK --set-xmark 0x10000000/0x10000000",
+        "-A NETPROF_HOLD_O -o eth9 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m owner --uid-owner 1000 "
+        "-j NFQUEUE --queue-num 7913 --queue-bypass",
+        "-A NETPROF_HOLD_I -i eth9 -p tcp -m tcp --dport 8080 --tcp-flags FIN,SYN,RST,ACK SYN "
+        "-j CONNMARK --set-xmark 0x10000000/0x10000000",
+        "-A NETPROF_HOLD_I -i eth9 -p tcp -m tcp --dport 8080 --tcp-flags FIN,SYN,RST,ACK SYN "
+        "-j NFQUEUE --queue-num 7913 --queue-bypass"], hold
+    assert out["left"] == []
