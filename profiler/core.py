@@ -19,6 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from .attribution import Attribution
 from .chains import CAPTURE_REPAIRED
 from .errors import FirewallError, NotReady, PartialChange, ProfilerError
+from .fastpath import FastPath
 from .firewall import Counters, RuleSpec
 from .model import Connection, Record
 from .requests import Requests
@@ -67,12 +68,11 @@ class _Stop:
     pass
 
 
-class Profiler(Attribution, Restart, Requests):
+class Profiler(Attribution, Restart, Requests, FastPath):
     def __init__(self, config, firewall, processes, sockets, sink, clock, conntrack=None, queue_size=100_000,
                  store=None, marks=None):
         self.store = store
-        # The fast path's conntrack mark (ctmark.ConnMarks), or None when it is off.
-        self.marks = marks
+        self._init_fast_path(marks)
         # What the durable store still has to learn, written in the next flush.
         self._dirty_jobs, self._dropped_jobs = set(), set()
         self._dirty_procs, self._dropped_procs = set(), set()
@@ -590,41 +590,6 @@ class Profiler(Attribution, Restart, Requests):
         if removes:
             self.observe_harvest(time.perf_counter() - started)
 
-    # --- the fast path's conntrack mark -------------------------------------------
-
-    def _mark_late(self, conns):
-        """Mark connections whose rules come after their first packet (a held SYN's connection is
-        marked by the rule before its hold): their rules count what follows, for the record of one
-        conntrack cannot complete. Marked before the commit, so that no packet after it goes past."""
-        if self.marks is None or not conns:
-            return
-        try:
-            self.marks.set([(c.family, c.local, c.lport, c.remote, c.rport) for c in conns])
-        except OSError as exc:
-            log.warning("cannot mark %d connections for the fast path: %s", len(conns), exc)
-
-    def _check_marks(self, conns):
-        """Connections counted by their rules alone, before their records: an entry without the mark
-        (conntrack flushed, or its mark rewritten by another program) let packets pass uncounted,
-        and the record must not say complete (conntrack may still complete it)."""
-        if self.marks is None or not conns:
-            return
-        by_tuple = {(c.family, c.local, c.lport, c.remote, c.rport): c for c in conns}
-        try:
-            unmarked = self.marks.unmarked(by_tuple)
-        except OSError as exc:
-            log.warning("cannot read the fast-path mark of %d connections: %s", len(conns), exc)
-            unmarked = dict.fromkeys(by_tuple, True)   # unknown: not claimed complete
-        lost = [by_tuple[t] for t, gone in unmarked.items() if gone]
-        for conn in lost:
-            conn.incomplete_reason = conn.incomplete_reason or (
-                "its conntrack entry lost the fast-path mark (conntrack flushed, or the mark rewritten by "
-                "another program): packets after that passed its rules uncounted")
-        if lost:
-            self.stats["fast_path_unmarked"] = self.stats.get("fast_path_unmarked", 0) + len(lost)
-            log.warning("%d connections' conntrack entries had lost the fast-path mark %#x: their rule "
-                        "counts are not taken as complete", len(lost), self.marks.bit)
-
     def _write(self, records):
         if not records:
             return
@@ -646,7 +611,7 @@ class Profiler(Attribution, Restart, Requests):
         elif counters.one_side_missing:
             complete = False
             note = note or "one of its two rules was removed by another program"
-        if not complete and self.conntrack is not None:
+        if not complete and self.conntrack is not None and self._ct_can_complete(conn):
             ct = self._conntrack_counts(conn)
             if ct is not None and ct.in_bytes >= counters.in_bytes and ct.out_bytes >= counters.out_bytes:
                 counters, complete, source, note = ct, True, "conntrack", ""

@@ -25,7 +25,12 @@ _CTA_TUPLE_ORIG, _CTA_MARK, _CTA_MARK_MASK = 1, 8, 21
 _CTA_TUPLE_IP, _CTA_TUPLE_PROTO = 1, 2
 _CTA_PROTO_NUM, _CTA_PROTO_SRC_PORT, _CTA_PROTO_DST_PORT = 1, 2, 3
 _IP_ATTRS = {socket.AF_INET: (1, 2), socket.AF_INET6: (3, 4)}   # CTA_IP_V4_SRC/DST, CTA_IP_V6_SRC/DST
+_CTA_PROTOINFO, _CTA_PROTOINFO_TCP = 4, 1
+_TCP_FLAGS_ORIGINAL, _TCP_FLAGS_REPLY = 4, 5
+_BE_LIBERAL = 0x08  # IP_CT_TCP_FLAG_BE_LIBERAL: set in both directions of an entry picked up mid-stream
 BATCH = 256        # requests a datagram: their answers must fit the socket's buffer
+RCVBUF = 4 << 20
+SO_RCVBUFFORCE = 33      # not in the socket module
 
 
 class ConnMarkError(OSError):
@@ -55,18 +60,46 @@ def request(kind, flags, seq, conn, bit=None):
     return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
 
 
+def _attrs(data, start, end):
+    """{type: (start, end)} of the attributes between start and end (nesting flags cleared)."""
+    out = {}
+    pos = start
+    while pos + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, pos)
+        if length < 4 or pos + length > end:
+            break
+        out[kind & 0x3fff] = (pos + 4, pos + length)
+        pos += (length + 3) & ~3
+    return out
+
+
 def mark_of(payload):
     """CTA_MARK of a ctnetlink entry message's payload (after the netlink header); 0 when absent:
     the kernel leaves a zero mark out."""
-    pos = 4                                    # nfgenmsg
-    while pos + 4 <= len(payload):
-        length, kind = struct.unpack_from("=HH", payload, pos)
-        if length < 4:
-            break
-        if kind & 0x3fff == _CTA_MARK and length >= 8:
-            return struct.unpack_from("!I", payload, pos + 4)[0]
-        pos += (length + 3) & ~3
-    return 0
+    where = _attrs(payload, 4, len(payload)).get(_CTA_MARK)       # after the nfgenmsg
+    return struct.unpack_from("!I", payload, where[0])[0] if where and where[1] - where[0] >= 4 else 0
+
+
+def picked_up(payload):
+    """Whether conntrack made this entry from a packet in the middle of the connection (after a
+    flush, say) rather than from its SYN: its counters then miss what came before."""
+    info = _attrs(payload, 4, len(payload)).get(_CTA_PROTOINFO)
+    tcp = info and _attrs(payload, *info).get(_CTA_PROTOINFO_TCP)
+    if not tcp:
+        return False
+    flags = _attrs(payload, *tcp)
+    return all(k in flags and payload[flags[k][0]] & _BE_LIBERAL for k in (_TCP_FLAGS_ORIGINAL, _TCP_FLAGS_REPLY))
+
+
+class Entry:
+    """What a harvest needs to know of a connection's entry."""
+    __slots__ = ("marked", "picked_up")
+
+    def __init__(self, marked, picked_up):
+        self.marked, self.picked_up = marked, picked_up
+
+    def __repr__(self):
+        return f"Entry(marked={self.marked}, picked_up={self.picked_up})"
 
 
 class ConnMarks:
@@ -83,7 +116,10 @@ class ConnMarks:
         if self._sock is None:
             try:
                 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                try:    # past net.core.rmem_max (root): a batch's answers must fit
+                    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+                except OSError:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
                 s.bind((0, 0))
             except OSError as exc:
                 raise ConnMarkError(exc.errno, f"cannot open a ctnetlink socket: {exc.strerror}") from None
@@ -95,9 +131,11 @@ class ConnMarks:
         """{conn: (errno, payload)} of one answer per request; errno 0 with the entry's payload for
         a GET, errno 0 and b"" for an acknowledged update."""
         out = {}
-        conns = list(conns)
+        conns = list(dict.fromkeys(conns))     # one request each: one answer each
         for start in range(0, len(conns), BATCH):
             chunk = conns[start:start + BATCH]
+            if self._seq + len(chunk) >= 1 << 32:
+                self._seq = 0
             base = self._seq + 1
             self._seq += len(chunk)
             sock = self._socket()
@@ -127,25 +165,23 @@ class ConnMarks:
         return out
 
     def set(self, conns):
-        """Set the bit on each connection's entry. Returns those without an entry."""
+        """Set the bit on each connection's entry. Returns {conn: errno} of those not marked
+        (ENOENT: no entry). An update without NLM_F_CREATE never makes an entry."""
         answers = self._exchange(conns, _CT_NEW, _NLM_F_REQUEST | _NLM_F_ACK, self.bit)
-        failed = [c for c, (code, _) in answers.items() if code not in (0, errno.ENOENT)]
-        if failed:
-            code = answers[failed[0]][0]
-            raise ConnMarkError(code, f"cannot mark the conntrack entry of {failed[0]}: {errno.errorcode.get(code, code)}")
-        return [c for c, (code, _) in answers.items() if code == errno.ENOENT]
+        return {c: code for c, (code, _) in answers.items() if code}
 
-    def unmarked(self, conns):
-        """The connections whose entry exists without the bit (None: no entry) or with it (False):
-        {conn: True | False | None}."""
+    def read(self, conns, bit=None):
+        """{conn: Entry, None (no entry) or the errno of a failed read}; `bit`: another bit than ours
+        (the one an earlier run used)."""
+        bit = bit or self.bit
         out = {}
         for conn, (code, payload) in self._exchange(conns, _CT_GET, _NLM_F_REQUEST).items():
             if code == errno.ENOENT:
                 out[conn] = None
             elif code:
-                raise ConnMarkError(code, f"cannot read the conntrack entry of {conn}: {errno.errorcode.get(code, code)}")
+                out[conn] = code
             else:
-                out[conn] = not mark_of(payload) & self.bit
+                out[conn] = Entry(bool(mark_of(payload) & bit), picked_up(payload))
         return out
 
     def close(self):

@@ -497,7 +497,7 @@ class IptablesFirewall(RawPath, CaptureRules):
             ct.create_target("RETURN")
             fam.chain(CT_CHAIN).insert_rule(ct)
         for builtin in ("INPUT", "OUTPUT"):
-            ours = [name for name, (b, _) in tops.items() if b == builtin]
+            ours = [name for name, (b, _) in tops.items() if b == builtin] * self.jumps_per_chain
             jumps = fam.jumps(builtin)
             if (not rejump and sorted(jumps[:len(ours)]) == sorted(ours)
                     and sum(j.startswith(PREFIX + "_") for j in jumps) == len(ours)):
@@ -508,12 +508,9 @@ class IptablesFirewall(RawPath, CaptureRules):
             for rule in chain.rules:
                 if rule.target and rule.target.name.startswith(PREFIX + "_"):
                     chain.delete_rule(rule)
-            for name in ours:
-                iface = None if tops[name][1] == "any" else tops[name][1]
-                jump = fam.rule(None, 0, None, 0, name, **{"in_iface" if builtin == "INPUT" else "out_iface": iface})
-                if self.fast_mark:
-                    jump.create_match("connmark").mark = f"{self.fast_mark:#x}/{self.fast_mark:#x}"
-                chain.insert_rule(jump)
+            for name in dict.fromkeys(ours):
+                for jump in reversed(self._jumps(fam, builtin, name, tops[name][1])):   # each goes on top
+                    chain.insert_rule(jump)
         # Dispatch hops of the tree: every leaf in use must be reachable.
         jumps = {}
         for spec in self._installed.values():
@@ -533,6 +530,40 @@ class IptablesFirewall(RawPath, CaptureRules):
                         jumps[hop.chain].add(hop.target)
                         fixes.append(f"the jump from {hop.chain} to {hop.target} was missing")
         return fixes
+
+    @property
+    def jumps_per_chain(self):
+        return 2 if self.fast_mark else 1
+
+    def _jumps(self, fam, builtin, name, iface):
+        """The jump(s) from `builtin` into top chain `name`. With the fast path, packets of marked
+        connections take the first; the second takes those conntrack left without an entry
+        (INVALID: an out-of-window segment, say; UNTRACKED: the raw table's notrack), which no
+        mark can reach but whose bytes the capture sees."""
+        where = {"in_iface" if builtin == "INPUT" else "out_iface": None if iface == "any" else iface}
+        if not self.fast_mark:
+            return [fam.rule(None, 0, None, 0, name, **where)]
+        marked, stateless = fam.rule(None, 0, None, 0, name, **where), fam.rule(None, 0, None, 0, name, **where)
+        marked.create_match("connmark").mark = f"{self.fast_mark:#x}/{self.fast_mark:#x}"
+        stateless.create_match("conntrack").ctstate = "INVALID,UNTRACKED"
+        return [marked, stateless]
+
+    def jump_mark(self):
+        """The fast-path mark bit the jumps into our chains match now (an earlier run's: 0 for none)."""
+        for family in self.families:
+            try:
+                fam = self._fam(family)
+                with self.lock.held():
+                    fam.table.refresh()
+                    rules = fam.chain("INPUT").rules
+            except (FirewallError, iptc.IPTCError):
+                continue
+            for rule in rules:
+                if rule.target and rule.target.name.startswith(PREFIX + "_"):
+                    for m in rule.matches:
+                        if m.name == "connmark" and m.parameters.get("mark"):
+                            return int(m.parameters["mark"].split("/")[0], 16)
+        return 0
 
     def _insert_pair(self, fam, spec, existing, jumps):
         """The two rules of a connection, in their leaves, creating the path to them as needed."""

@@ -31,26 +31,8 @@ class Restart:
             if c["job"] in self.jobs:
                 conn = Connection(**c)
                 self.conns[conn.key] = conn
-        self._mark_kept()
+        self._mark_kept(self.firewall.jump_mark())
         return {conn.cid: self._spec(conn) for conn in self.conns.values()}
-
-    def _mark_kept(self):
-        """Mark, before setup() makes the jumps into our rules take marked packets only, every
-        connection carried on: an earlier run (or version) may have had no fast path, or another mark."""
-        kept = list(self.conns.values())
-        if self.marks is None or not kept:
-            return
-        tuples = [(c.family, c.local, c.lport, c.remote, c.rport) for c in kept]
-        try:
-            missing = set(self.marks.set(tuples))
-        except OSError as exc:
-            log.warning("cannot mark the %d connections carried on for the fast path: %s", len(kept), exc)
-            missing = set(tuples)
-        for conn, t in zip(kept, tuples):
-            if t in missing and not conn.end_reason:
-                conn.incomplete_reason = conn.incomplete_reason or (
-                    "after a restart its conntrack entry could not be marked for the fast path: "
-                    "packets since then may have passed its rules uncounted")
 
     def after_setup(self, installed):
         """The firewall kept the rules in `installed`; connections without theirs get new ones,

@@ -51,7 +51,11 @@ class ShardedFirewall:
 
     @fast_mark.setter
     def fast_mark(self, value):
-        self.primary.fast_mark = self.secondary.fast_mark = value
+        for part in self._parts:
+            part.fast_mark = value
+
+    def jump_mark(self):
+        return self.primary.jump_mark()
 
     @property
     def interfaces(self):

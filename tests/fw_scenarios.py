@@ -259,11 +259,13 @@ def fast_path_jumps_and_hold_marks():
     old.apply([spec("k1", 40001)], [])
     before = lines()
     fw = IptablesFirewall([IFACE], queue_num=7913, fast_mark=0x10000000)
+    seen = [fw.jump_mark()]
     fw.setup(keep={"k1": spec("k1", 40001)})
     fw.setup(keep={"k1": spec("k1", 40001)})
+    seen.append(fw.jump_mark())
     fw.set_hold({1000}, {8080})
     out = {"before": before, "after": lines(), "after6": lines("ip6tables-legacy-save"),
-           "installed": sorted(fw.installed)}
+           "installed": sorted(fw.installed), "jump_mark": seen, "verify": fw.verify(full=True)}
     fw.teardown()
     out["left"] = [line for tool in ("iptables-legacy-save", "ip6tables-legacy-save")
                    for line in subprocess.run([tool], capture_output=True, text=True).stdout.splitlines()

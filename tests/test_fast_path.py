@@ -64,7 +64,9 @@ def test_untracked_packets_pass_one_rule_and_tracked_ones_are_counted_exactly(ne
     try:
         save = p.a.run("iptables-legacy-save", "-t", "filter").stdout + p.a.run("iptables-legacy-save", "-t", "security").stdout
         jumps = [line for line in save.splitlines() if line.startswith(("-A INPUT", "-A OUTPUT")) and "NETPROF_" in line]
-        assert jumps and all(f"--mark {MARK:#x}/{MARK:#x}" in line for line in jumps), jumps
+        # Per chain and table: the marked packets' jump, and the jump of packets without an entry.
+        assert len(jumps) == 8 and all(f"--mark {MARK:#x}/{MARK:#x}" in line for line in jumps[::2]), jumps
+        assert all("--ctstate INVALID,UNTRACKED" in line for line in jumps[1::2]), jumps
         cap = Capture(p.a, p.iface_a)
         start_server(p.b, p.ip_b, 9000)
         tracked = start_client(p.a, p.ip_b, 9000, up=3 * MB, down=2 * MB)
@@ -161,8 +163,124 @@ def test_a_restart_marks_connections_an_earlier_run_left_unmarked(netpair):
             cap.stop()
             assert_exact(restarted, p.iface_a, cap.bytes(), conn)
             rec = restarted.json_records(p.iface_a)[key(conn)]
-            assert rec["complete"] and rec["count_source"] == "rules", rec
+            assert rec["complete"] and rec["count_source"] == "rules", (rec, restarted.output())
         finally:
             restarted.stop()
     finally:
         svc.stop()
+
+
+CTMARK_SCRIPT = r'''
+import json, socket, sys
+sys.path.insert(0, sys.argv[1])
+from profiler.ctmark import ConnMarks
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(600)
+cs = [socket.create_connection(srv.getsockname()) for _ in range(300)]
+conns = [(socket.AF_INET, *c.getsockname(), *c.getpeername()) for c in cs]
+other = ConnMarks(0x1)
+other.set(conns[:10])                       # another program's bit, set first
+m = ConnMarks(0x10000000)
+m._seq = (1 << 32) - 5                      # the sequence number wraps within this batch
+ghost = (socket.AF_INET, "127.0.0.1", 1, "127.0.0.1", 2)
+failed = m.set(conns[:200] + conns[:3] + [ghost])
+got = m.read(conns + [ghost])
+back = m.read([(c[0], c[3], c[4], c[1], c[2]) for c in conns[:5]])   # the reply direction finds it too
+print(json.dumps({"failed": [list(k) + [v] for k, v in failed.items()],
+                  "marked": sum(1 for c in conns if got[c].marked), "unmarked": sum(1 for c in conns if not got[c].marked),
+                  "ghost": got[ghost], "back": all(e.marked for e in back.values()),
+                  "other_kept": all(e.marked for e in other.read(conns[:10]).values()),
+                  "picked_up": any(got[c].picked_up for c in conns)}))
+'''
+
+
+def test_ctmark_marks_in_batches_finds_either_direction_and_keeps_other_bits(netpair):
+    from harness import PYTHON, ROOT
+    ns = netpair.a
+    ns.run("iptables-legacy", "-N", "CTON")
+    ns.run("iptables-legacy", "-A", "CTON", "-m", "conntrack", "--ctstate", "INVALID", "-j", "RETURN")  # conntrack on
+    out = json.loads(ns.run(PYTHON, "-c", CTMARK_SCRIPT, ROOT).stdout.splitlines()[-1])
+    assert out["failed"] == [[2, "127.0.0.1", 1, "127.0.0.1", 2, 2]]        # ENOENT: no such entry, none made
+    assert (out["marked"], out["unmarked"]) == (200, 100)
+    assert out["ghost"] is None and out["back"] and out["other_kept"]
+    assert out["picked_up"] is False                                          # every entry began with its SYN
+
+
+FLUSH_SCRIPT = r'''
+import socket, struct
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
+body = struct.pack("=BBH", socket.AF_INET, 0, 0)         # IPCTNL_MSG_CT_DELETE without a tuple: flush
+s.send(struct.pack("=IHHII", 16 + len(body), 1 << 8 | 2, 1 | 4, 1, 0) + body)
+code = struct.unpack_from("=i", s.recv(4096), 16)[0]
+assert code == 0, code
+'''
+
+
+def test_a_conntrack_flush_mid_connection_is_not_completed_from_the_new_entry(netpair):
+    """After a flush conntrack picks the connection up again: a new entry, unmarked, counting from
+    then on. The rules missed what followed, conntrack what came before: the record says incomplete."""
+    from harness import PYTHON
+    p = netpair
+    svc = Service(p.a, [p.iface_a], LOG_FORMAT="both")
+    svc.start()
+    try:
+        cap = Capture(p.a, p.iface_a)
+        start_server(p.b, p.ip_b, 9000)
+        client = start_client(p.a, p.ip_b, 9000, up=20 * MB, extra=("--pace", str(20 * MB)))
+        assert svc.start_profile("flushed", client.pid)[0] == 200
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        wait_for(lambda: live_out_bytes(svc, "flushed") > 5 * MB, timeout=30, what="5 MB sent")
+        p.a.run(PYTHON, "-c", FLUSH_SCRIPT)
+        conn = json.loads(client.stdout.readline())
+        client.stdin.close()
+        client.wait(60)
+        wait_for(lambda: key(conn) in svc.logged(p.iface_a), timeout=20, what="logged")
+        cap.stop()
+        truth = cap.bytes()
+        rec = svc.json_records(p.iface_a)[key(conn)]
+        assert not rec["complete"] and rec["count_source"] == "rules", rec
+        assert "lost the fast-path mark" in rec["note"] and "picked the connection up again" in rec["note"], rec
+        assert 5 * MB < rec["out_bytes"] < truth[key(conn)]
+    finally:
+        svc.stop()
+
+
+HOLDER_SCRIPT = r'''
+import sys, time
+from netfilterqueue import NetfilterQueue
+q = NetfilterQueue()
+q.bind(7913, lambda pkt: pkt.accept())
+print("bound", flush=True)
+time.sleep(120)
+'''
+
+
+def test_with_the_queue_taken_the_service_runs_without_the_fast_path(netpair):
+    """Another program holds QUEUE_NUM: no SYN is held, so none is marked from its first packet, and
+    the jumps must take every packet again (as before the fast path)."""
+    from harness import PYTHON
+    p = netpair
+    holder = p.a.popen(PYTHON, "-c", HOLDER_SCRIPT, stdout=__import__("subprocess").PIPE, text=True)
+    assert holder.stdout.readline().strip() == "bound"
+    svc = Service(p.a, [p.iface_a])
+    svc.start()
+    try:
+        assert "fast path off" in svc.output()
+        save = p.a.run("iptables-legacy-save", "-t", "filter").stdout
+        assert "connmark" not in save and f"-A INPUT -i {p.iface_a} -j NETPROF_I_{p.iface_a}" in save
+        cap = Capture(p.a, p.iface_a)
+        start_server(p.b, p.ip_b, 9000)
+        # Paced: with no SYN held, a connection over before its SYN is read is never attributed.
+        c = start_client(p.a, p.ip_b, 9000, up=4 * MB, extra=("--pace", str(8 * MB)))
+        assert svc.start_profile("noqueue", c.pid)[0] == 200
+        conn = run_client(c, 1)[0]
+        try:
+            wait_for(lambda: key(conn) in svc.logged(p.iface_a), timeout=20, what="logged")
+        except AssertionError:
+            raise AssertionError(svc.output()) from None
+        cap.stop()
+        assert_exact(svc, p.iface_a, cap.bytes(), conn)     # completed from conntrack: rules came late
+    finally:
+        svc.stop()
+        holder.kill()
+        holder.wait(10)

@@ -122,9 +122,13 @@ def test_the_fast_path_mark_is_on_every_jump_once_and_on_held_syns(netpair):
     mark = "-m connmark --mark 0x10000000/0x10000000"
     assert sorted(out["before"]) == ["-A INPUT -i eth9 -j NETPROF_I_eth9", "-A OUTPUT -o eth9 -j NETPROF_O_eth9"]
     jumps = [line for line in out["after"] if line.startswith(("-A INPUT", "-A OUTPUT")) and "HOLD" not in line]
-    assert sorted(jumps) == [f"-A INPUT -i eth9 {mark} -j NETPROF_I_eth9", f"-A OUTPUT -o eth9 {mark} -j NETPROF_O_eth9"]
-    assert sorted(line for line in out["after6"] if "HOLD" not in line) == sorted(jumps)
+    invalid = "-m conntrack --ctstate INVALID,UNTRACKED"     # packets no mark can reach
+    assert jumps == [f"-A INPUT -i eth9 {mark} -j NETPROF_I_eth9", f"-A INPUT -i eth9 {invalid} -j NETPROF_I_eth9",
+                     f"-A OUTPUT -o eth9 {mark} -j NETPROF_O_eth9", f"-A OUTPUT -o eth9 {invalid} -j NETPROF_O_eth9"]
+    assert [line for line in out["after6"] if "HOLD" not in line] == jumps
+    assert out["jump_mark"] == [0, 0x10000000]
     assert out["installed"] == ["k1"]          # the pair the earlier run made is kept
+    assert out["verify"] == [[], []]           # the jumps are what verify() expects
     # In each chain's order: the mark first, then the queue.
     hold = ([line for line in out["after"] if line.startswith("-A NETPROF_HOLD_O")]
             + [line for line in out["after"] if line.startswith("-A NETPROF_HOLD_I")])

@@ -1,0 +1,125 @@
+"""The profiler's side of the fast path: which connections carry the conntrack mark, and whether
+they still did when their records are made (ctmark.py says why it exists)."""
+import errno
+import logging
+
+from .ctmark import Entry
+
+log = logging.getLogger("netprofiler")
+
+# A late connection's entry may not be confirmed yet when its rules go in (an inbound SYN the
+# capture saw before netfilter let it through): asked again at the next flushes.
+MARK_RETRIES = 3
+
+LOST = ("its conntrack entry lost the fast-path mark (conntrack flushed, or the mark rewritten by another "
+        "program): packets after that passed its rules uncounted")
+UNREAD = "the fast-path mark of its conntrack entry could not be read ({}): its rules may have missed packets"
+PICKED_UP = "; conntrack picked the connection up again mid-stream, so its count misses the start as well"
+NOT_MARKED = ("after a restart its conntrack entry could not be marked for the fast path: packets since then "
+              "may have passed its rules uncounted")
+
+
+def _tuple(conn):
+    return conn.family, conn.local, conn.lport, conn.remote, conn.rport
+
+
+class FastPath:
+    """Mixed into the Profiler: self.marks (ctmark.ConnMarks, or None when the fast path is off),
+    self.conns, self.firewall, self.stats."""
+
+    def _init_fast_path(self, marks):
+        self.marks = marks
+        self._mark_retry = {}          # cid -> (Connection, tries) of late connections not yet marked
+        self._ct_unusable = set()      # cids whose conntrack entry cannot complete their record
+
+    def _mark_late(self, conns):
+        """Mark connections whose rules come after their first packet (a held SYN's connection is
+        marked by the rule before its hold), before the commit: their rules count what follows,
+        for the record conntrack cannot complete. Never raises: held SYNs wait on this flush."""
+        if self.marks is None or not (conns or self._mark_retry):
+            return
+        todo = {c.cid: c for c in conns}
+        for cid, (conn, _) in self._mark_retry.items():
+            if self.conns.get(conn.key) is conn:
+                todo.setdefault(cid, conn)
+        try:
+            failed = self.marks.set([_tuple(c) for c in todo.values()])
+        except Exception as exc:
+            log.warning("cannot mark %d connections for the fast path: %s", len(todo), exc)
+            return
+        retry = {}
+        for cid, conn in todo.items():
+            code = failed.get(_tuple(conn))
+            tries = self._mark_retry.get(cid, (conn, 0))[1] + 1
+            if code == errno.ENOENT and tries < MARK_RETRIES:
+                retry[cid] = (conn, tries)
+            elif code:
+                log.info("connection %s not marked for the fast path (%s): its rules count nothing; "
+                         "conntrack completes it", cid, errno.errorcode.get(code, code))
+        self._mark_retry = retry
+
+    def _check_marks(self, conns):
+        """Connections counted by their rules alone, before their records: an entry without the mark
+        let packets pass uncounted, and the record must not say complete."""
+        if self.marks is None or not conns:
+            return
+        self._flag_unmarked(conns, self.marks.read, "harvest")
+
+    def _flag_unmarked(self, conns, read, when):
+        by_tuple = {_tuple(c): c for c in conns}
+        try:
+            entries = read(list(by_tuple))
+        except Exception as exc:
+            entries = dict.fromkeys(by_tuple, getattr(exc, "errno", None) or errno.EIO)
+        lost = unread = 0
+        for t, entry in entries.items():
+            conn = by_tuple[t]
+            self._mark_retry.pop(conn.cid, None)
+            if entry is None or (isinstance(entry, Entry) and entry.marked):
+                continue        # no entry: no packet of it went past (the mark is read with the entry)
+            if isinstance(entry, Entry):
+                lost += 1
+                reason = LOST
+                if entry.picked_up:
+                    reason += PICKED_UP
+                    self._ct_unusable.add(conn.cid)
+            else:
+                unread += 1
+                reason = UNREAD.format(errno.errorcode.get(entry, entry))
+            conn.incomplete_reason = conn.incomplete_reason or reason
+        if lost or unread:
+            self.stats["fast_path_unmarked"] = self.stats.get("fast_path_unmarked", 0) + lost
+            log.warning("%s: %d connections' conntrack entries had lost the fast-path mark, %d could not be "
+                        "read: their rule counts are not taken as complete", when, lost, unread)
+
+    def _mark_kept(self, previous_mark):
+        """Before setup() makes the jumps take marked packets only: check the connections carried on
+        against the mark the earlier run's jumps matched (a mark lost then, or while no service ran,
+        must not be hidden by marking again), then mark every one of them."""
+        kept = list(self.conns.values())
+        if not kept:
+            return
+        exact = [c for c in kept if c.rules_before_first_packet]
+        if previous_mark and exact:
+            if self.marks is not None:
+                self._flag_unmarked(exact, lambda ts: self.marks.read(ts, bit=previous_mark), "restart")
+            else:
+                for conn in exact:
+                    conn.incomplete_reason = conn.incomplete_reason or UNREAD.format("fast path now off")
+        if self.marks is None:
+            return
+        try:
+            failed = self.marks.set([_tuple(c) for c in kept])
+        except Exception as exc:
+            log.warning("cannot mark the %d connections carried on for the fast path: %s", len(kept), exc)
+            failed = dict.fromkeys(map(_tuple, kept), errno.EIO)
+        for conn in kept:
+            if _tuple(conn) in failed and not conn.end_reason:
+                conn.incomplete_reason = conn.incomplete_reason or NOT_MARKED
+
+    def _ct_can_complete(self, conn):
+        """Whether conntrack's count may stand for this connection (consumed with its record)."""
+        if conn.cid in self._ct_unusable:
+            self._ct_unusable.discard(conn.cid)
+            return False
+        return True
