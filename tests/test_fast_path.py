@@ -48,6 +48,12 @@ def test_request_and_mark_parsing():
     assert (length, kind, flags, seq) == (len(msg), 256, 5, 7)
     assert socket.inet_aton("10.231.0.1") in msg and (4000).to_bytes(2, "big") in msg
     assert msg.endswith((21).to_bytes(2, "little") + MARK.to_bytes(4, "big"))
+    # The IPv4 GET packed in one go is byte for byte what the general builder makes.
+    import struct
+    from profiler import ctmark
+    for conn in ((socket.AF_INET, "10.231.0.1", 40001, "10.231.0.2", 443), (socket.AF_INET, "1.2.3.4", 1, "5.6.7.8", 65535)):
+        body = struct.pack("=BBH", socket.AF_INET, 0, 0) + ctmark._tuple(*conn)
+        assert request(1 << 8 | 1, 1, 9, conn) == struct.pack("=IHHII", 16 + len(body), 1 << 8 | 1, 1, 9, 0) + body
     # An entry's payload: nfgenmsg, then attributes; the mark is found among them, 0 when absent.
     payload = bytes(4) + (8).to_bytes(2, "little") + (3).to_bytes(2, "little") + bytes(4)
     payload += (8).to_bytes(2, "little") + (8).to_bytes(2, "little") + (MARK | 1).to_bytes(4, "big")
