@@ -44,11 +44,20 @@ def test_values_and_lists(tmp_path):
     ("RULE_TABLES = mangle", "RULE_TABLES"),
     ("CAPTURE = pcap", "CAPTURE"),
     ("NFLOG_GROUP = 70000", "NFLOG_GROUP"),
+    ("FAST_PATH_MARK = 0x3", "FAST_PATH_MARK"),         # two bits
+    ("FAST_PATH_MARK = 0x100000000", "FAST_PATH_MARK"),
+    ("FAST_PATH_MARK = on", "FAST_PATH_MARK"),
 ])
 def test_bad_values_name_the_key(line, key):
     with pytest.raises(ConfigError) as err:
         parse_config(f"[CONFIG]\nINTERFACE = eth0\n{line}\n")
     assert key in str(err.value)
+
+
+def test_fast_path_mark_is_one_bit_in_any_base_or_off():
+    mark = lambda v: parse_config(f"[CONFIG]\nINTERFACE = eth0\nFAST_PATH_MARK = {v}\n").fast_path_mark  # noqa: E731
+    assert parse_config("[CONFIG]\nINTERFACE = eth0\n").fast_path_mark == 0x10000000
+    assert (mark("0x80000000"), mark("1024"), mark("0")) == (0x80000000, 1024, 0)
 
 
 def test_one_nflog_group_per_interface_or_none_when_capturing_on_the_interface():
