@@ -76,7 +76,7 @@ class FastPath:
             conn = by_tuple[t]
             self._mark_retry.pop(conn.cid, None)
             if entry is None or (isinstance(entry, Entry) and entry.marked):
-                continue        # no entry: no packet of it went past (the mark is read with the entry)
+                continue        # no entry left to read: README, Limits, says when that hides a loss
             if isinstance(entry, Entry):
                 lost += 1
                 reason = LOST

@@ -102,6 +102,27 @@ def test_untracked_packets_pass_one_rule_and_tracked_ones_are_counted_exactly(ne
         svc.stop()
 
 
+def test_ipv6_connections_are_marked_and_counted_by_their_rules(netpair):
+    p = netpair
+    p.a.run("ping", "-6", "-c1", "-W2", p.ip6_b, check=False)   # neighbour discovery first
+    svc = Service(p.a, [p.iface_a], LOG_FORMAT="both")
+    svc.start()
+    try:
+        cap = Capture(p.a, p.iface_a)
+        start_server(p.b, p.ip6_b, 9000)
+        c = start_client(p.a, p.ip6_b, 9000, up=2 * MB, down=1 * MB)
+        assert svc.start_profile("v6fast", c.pid)[0] == 200
+        conn = run_client(c, 1)[0]
+        wait_for(lambda: key(conn) in svc.logged(p.iface_a), timeout=20, what="logged")
+        cap.stop()
+        assert_exact(svc, p.iface_a, cap.bytes(), conn)
+        rec = svc.json_records(p.iface_a)[key(conn)]
+        # From the rules: the SYN was counted, so the IPv6 hold marked the connection.
+        assert rec["complete"] and rec["count_source"] == "rules", rec
+    finally:
+        svc.stop()
+
+
 def test_a_connection_whose_mark_another_program_rewrites_is_completed_from_conntrack(netpair):
     """CONNMARK --set-mark by another program clears our bit: the packets after it pass the rules.
     The harvest finds the entry without the mark; the record must not claim the rules' short count."""

@@ -141,4 +141,7 @@ def test_the_fast_path_mark_is_on_every_jump_once_and_on_held_syns(netpair):
         "-j CONNMARK --set-xmark 0x10000000/0x10000000",
         "-A NETPROF_HOLD_I -i eth9 -p tcp -m tcp --dport 8080 --tcp-flags FIN,SYN,RST,ACK SYN "
         "-j NFQUEUE --queue-num 7913 --queue-bypass"], hold
+    hold6 = ([line for line in out["after6"] if line.startswith("-A NETPROF_HOLD_O")]
+             + [line for line in out["after6"] if line.startswith("-A NETPROF_HOLD_I")])
+    assert hold6 == hold          # IPv6 holds the same way
     assert out["left"] == []
