@@ -62,7 +62,7 @@ class Config:
     capture: str = "nflog"
     nflog_group: int = 7460
     # The conntrack mark bit of the fast path (0: off): only packets of connections with this bit
-    # walk our chains; every other packet passes one rule. Needs HOLD_SYNS and CONNTRACK.
+    # walk our chains; every other packet passes two jumps a table. Needs HOLD_SYNS and CONNTRACK.
     fast_path_mark: int = 0x10000000
     extra: dict = field(default_factory=dict, compare=False)
 

@@ -544,8 +544,8 @@ class Profiler(Attribution, Restart, Requests, FastPath):
                 removes = [(c, s) for c, s in removes if c.cid not in later]
         harvested = {}
         started = time.perf_counter()
-        self._mark_late([c for c, _ in adds if not c.rules_before_first_packet])
         try:
+            self._mark_late([c for c, _ in adds if not c.rules_before_first_packet])
             self._persist(new_conns=[c for c, _ in adds])
             if adds or removes:
                 harvested = self.firewall.apply([s for _, s in adds], [s for _, s in removes])

@@ -1,9 +1,10 @@
 """The fast path's conntrack mark bit, set and read through ctnetlink.
 
 With the fast path on, the jumps from INPUT and OUTPUT into our chains are taken only by packets
-whose conntrack entry carries one mark bit (FAST_PATH_MARK): every other packet passes one rule
-instead of a walk of the chain tree. A held SYN's connection gets the bit from the rule before its
-NFQUEUE rule (firewall.py), so every packet of it is counted, the SYN first. This module sets the bit
+whose conntrack entry carries one mark bit (FAST_PATH_MARK), or by packets with no entry at all
+(INVALID): every other packet passes those two rules instead of a walk of the chain tree. A held
+SYN's connection gets the bit from the rule before its NFQUEUE rule (firewall.py), so every packet
+of it is counted, the SYN first. This module sets the bit
 on connections whose rules come later (and on those a restart carries on with), and reads it back
 at harvest: an entry without it (conntrack flushed, or the mark rewritten by another program) means
 packets passed uncounted.
@@ -128,6 +129,8 @@ class ConnMarks:
         self.bit = bit
         self._sock = None
         self._seq = 0
+        self._batch = BATCH
+        self._buf = bytearray(1 << 16)     # one answer a read: received into, not allocated each time
 
     def _socket(self):
         if self._sock is None:
@@ -137,6 +140,8 @@ class ConnMarks:
                     s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
                 except OSError:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+                    got = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                    self._batch = max(1, min(BATCH, got // 2048))   # an entry's answer is under 1 KB
                 s.bind((0, 0))
             except OSError as exc:
                 raise ConnMarkError(exc.errno, f"cannot open a ctnetlink socket: {exc.strerror}") from None
@@ -149,20 +154,23 @@ class ConnMarks:
         a GET, errno 0 and b"" for an acknowledged update."""
         out = {}
         conns = list(dict.fromkeys(conns))     # one request each: one answer each
-        for start in range(0, len(conns), BATCH):
-            chunk = conns[start:start + BATCH]
+        self._socket()                         # opened first: it sets the batch size
+        buf = self._buf
+        for start in range(0, len(conns), self._batch):
+            chunk = conns[start:start + self._batch]
             if self._seq + len(chunk) >= 1 << 32:
                 self._seq = 0
             base = self._seq + 1
             self._seq += len(chunk)
-            sock = self._socket()
             try:
+                sock = self._socket()
                 sock.send(b"".join(request(kind, flags, base + i, c, bit) for i, c in enumerate(chunk)))
                 pending = len(chunk)
                 while pending:
-                    data = sock.recv(1 << 20)
+                    size = sock.recv_into(buf)
+                    data = buf
                     pos = 0
-                    while pos + 16 <= len(data):
+                    while pos + 16 <= size:
                         length, mtype, _, seq, _ = struct.unpack_from("=IHHII", data, pos)
                         if length < 16:
                             break
@@ -173,7 +181,7 @@ class ConnMarks:
                                 out[chunk[i]] = (code, b"")
                                 pending -= 1
                             elif mtype != _NLMSG_DONE:
-                                out[chunk[i]] = (0, data[pos + 16:pos + length])
+                                out[chunk[i]] = (0, bytes(data[pos + 16:pos + length]))
                                 pending -= 1
                         pos += (length + 3) & ~3
             except OSError as exc:

@@ -30,7 +30,6 @@ class FastPath:
     def _init_fast_path(self, marks):
         self.marks = marks
         self._mark_retry = {}          # cid -> (Connection, tries) of late connections not yet marked
-        self._ct_unusable = set()      # cids whose conntrack entry cannot complete their record
 
     def _mark_late(self, conns):
         """Mark connections whose rules come after their first packet (a held SYN's connection is
@@ -66,14 +65,16 @@ class FastPath:
         self._flag_unmarked(conns, self.marks.read, "harvest")
 
     def _flag_unmarked(self, conns, read, when):
-        by_tuple = {_tuple(c): c for c in conns}
+        """Flag the connections whose entry lost the mark; returns those flagged."""
+        pairs = [(_tuple(c), c) for c in conns]    # a 4-tuple may be in a harvest twice
         try:
-            entries = read(list(by_tuple))
+            entries = read(list(dict.fromkeys(t for t, _ in pairs)))
         except Exception as exc:
-            entries = dict.fromkeys(by_tuple, getattr(exc, "errno", None) or errno.EIO)
+            entries = dict.fromkeys((t for t, _ in pairs), getattr(exc, "errno", None) or errno.EIO)
         lost = unread = 0
-        for t, entry in entries.items():
-            conn = by_tuple[t]
+        flagged = []
+        for t, conn in pairs:
+            entry = entries.get(t, errno.EIO)
             self._mark_retry.pop(conn.cid, None)
             if entry is None or (isinstance(entry, Entry) and entry.marked):
                 continue        # no entry left to read: README, Limits, says when that hides a loss
@@ -82,15 +83,17 @@ class FastPath:
                 reason = LOST
                 if entry.picked_up:
                     reason += PICKED_UP
-                    self._ct_unusable.add(conn.cid)
+                    conn.ct_unusable = True
             else:
                 unread += 1
                 reason = UNREAD.format(errno.errorcode.get(entry, entry))
             conn.incomplete_reason = conn.incomplete_reason or reason
+            flagged.append(conn)
         if lost or unread:
             self.stats["fast_path_unmarked"] = self.stats.get("fast_path_unmarked", 0) + lost
             log.warning("%s: %d connections' conntrack entries had lost the fast-path mark, %d could not be "
                         "read: their rule counts are not taken as complete", when, lost, unread)
+        return flagged
 
     def _mark_kept(self, previous_mark):
         """Before setup() makes the jumps take marked packets only: check the connections carried on
@@ -100,12 +103,22 @@ class FastPath:
         if not kept:
             return
         exact = [c for c in kept if c.rules_before_first_packet]
+        flagged = []
         if previous_mark and exact:
             if self.marks is not None:
-                self._flag_unmarked(exact, lambda ts: self.marks.read(ts, bit=previous_mark), "restart")
+                flagged = self._flag_unmarked(exact, lambda ts: self.marks.read(ts, bit=previous_mark), "restart")
             else:
                 for conn in exact:
                     conn.incomplete_reason = conn.incomplete_reason or UNREAD.format("fast path now off")
+                flagged = exact
+        if flagged and self.store is not None:
+            # Durable before the mark is set again, which erases the evidence: another crash before
+            # their harvest must not make them complete.
+            try:
+                with self.store.batch():
+                    self.store.put_connections(flagged)
+            except Exception:
+                log.exception("cannot write the durable state")
         if self.marks is None:
             return
         try:
@@ -117,9 +130,7 @@ class FastPath:
             if _tuple(conn) in failed and not conn.end_reason:
                 conn.incomplete_reason = conn.incomplete_reason or NOT_MARKED
 
-    def _ct_can_complete(self, conn):
-        """Whether conntrack's count may stand for this connection (consumed with its record)."""
-        if conn.cid in self._ct_unusable:
-            self._ct_unusable.discard(conn.cid)
-            return False
-        return True
+    @staticmethod
+    def _ct_can_complete(conn):
+        """Whether conntrack's count may stand for this connection."""
+        return not conn.ct_unusable

@@ -63,6 +63,8 @@ class Connection:
     # connection whose accepting process was never seen: the pid holds the listening socket).
     pid_source: str = "socket"
     inode: int = 0           # its socket, once seen held by the process (0: not seen)
+    # Its conntrack entry was made mid-stream (fast path: after a flush): its count misses the start.
+    ct_unusable: bool = False
 
     @property
     def key(self):

@@ -24,7 +24,8 @@ CREATE INDEX IF NOT EXISTS records_job ON records (job);
 """
 
 CONNECTION_FIELDS = ("cid", "job", "pid", "interface", "family", "local", "lport", "remote", "rport", "outgoing",
-                     "opened", "rules_before_first_packet", "incomplete_reason", "pid_source", "inode")
+                     "opened", "rules_before_first_packet", "incomplete_reason", "pid_source", "inode",
+                     "ct_unusable")
 
 
 class StateStore:

@@ -311,3 +311,81 @@ def test_with_the_queue_taken_the_service_runs_without_the_fast_path(netpair):
         svc.stop()
         holder.kill()
         holder.wait(10)
+
+
+def test_packets_conntrack_leaves_without_an_entry_are_counted_through_the_second_jump(netpair):
+    """With nf_conntrack_tcp_loose = 0 a flushed connection gets no new entry: each of its later
+    packets is INVALID, carries no mark, and only the INVALID,UNTRACKED jump brings it to its rules."""
+    from harness import PYTHON
+    p = netpair
+    svc = Service(p.a, [p.iface_a], LOG_FORMAT="both")
+    svc.start()
+    try:
+        p.a.run("sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0")
+        cap = Capture(p.a, p.iface_a)
+        start_server(p.b, p.ip_b, 9000)
+        client = start_client(p.a, p.ip_b, 9000, up=20 * MB, extra=("--pace", str(20 * MB)))
+        assert svc.start_profile("invalid", client.pid)[0] == 200
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        wait_for(lambda: live_out_bytes(svc, "invalid") > 5 * MB, timeout=30, what="5 MB sent")
+        p.a.run(PYTHON, "-c", FLUSH_SCRIPT)
+        conn = json.loads(client.stdout.readline())
+        client.stdin.close()
+        client.wait(60)
+        wait_for(lambda: key(conn) in svc.logged(p.iface_a), timeout=20, what="logged")
+        cap.stop()
+        assert_exact(svc, p.iface_a, cap.bytes(), conn)
+        rec = svc.json_records(p.iface_a)[key(conn)]
+        assert rec["complete"] and rec["count_source"] == "rules", rec
+        into = p.a.run("iptables-legacy", "-L", "INPUT", "-v", "-x", "-n").stdout
+        invalid = [line for line in into.splitlines() if "ctstate INVALID,UNTRACKED" in line]
+        assert invalid and int(invalid[0].split()[0]) > 100, into     # the ACKs of 15 MB came that way
+    finally:
+        svc.stop()
+
+
+def test_a_mark_lost_while_no_service_ran_is_found_at_the_restart_and_kept_through_another_crash(netpair):
+    """Killed mid-transfer; another program rewrites the connection's mark while no service runs; the
+    restart must find it before marking it again, and the finding must survive a second kill -9."""
+    p = netpair
+    svc = Service(p.a, [p.iface_a], LOG_FORMAT="both")
+    svc.start()
+    clobber = ("-t", "mangle", "-I", "POSTROUTING", "-p", "tcp", "-j", "CONNMARK", "--set-mark", "0x1")
+    services = [svc]
+    try:
+        cap = Capture(p.a, p.iface_a)
+        start_server(p.b, p.ip_b, 9000)
+        client = start_client(p.a, p.ip_b, 9000, up=30 * MB, extra=("--pace", str(20 * MB)))
+        assert svc.start_profile("down", client.pid)[0] == 200
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        wait_for(lambda: live_out_bytes(svc, "down") > 5 * MB, timeout=30, what="5 MB sent")
+        svc.proc.send_signal(signal.SIGKILL)
+        svc.proc.wait(10)
+        p.a.run("iptables-legacy", *clobber)
+        time.sleep(0.2)
+        p.a.run("iptables-legacy", *["-D" if a == "-I" else a for a in clobber])
+        for n in (2, 3):        # the restart that finds it, then one after another kill -9
+            again = Service(p.a, [p.iface_a])
+            again.dir, again.config_path, again.log_dir = svc.dir, svc.config_path, svc.log_dir
+            again.out_path = f"{svc.out_path}.{n}"
+            services.append(again)
+            again.start()
+            if n == 2:
+                assert "restart: 1 connections' conntrack entries had lost the fast-path mark" in again.output()
+                again.proc.send_signal(signal.SIGKILL)
+                again.proc.wait(10)
+        conn = json.loads(client.stdout.readline())
+        client.stdin.close()
+        client.wait(60)
+        wait_for(lambda: key(conn) in services[-1].logged(p.iface_a), timeout=20, what="logged")
+        cap.stop()
+        rec = services[-1].json_records(p.iface_a)[key(conn)]
+        # Not from the rules, which missed what passed unmarked; conntrack's entry began with the SYN.
+        assert rec["count_source"] == "conntrack" and rec["complete"], rec
+        assert_exact(services[-1], p.iface_a, cap.bytes(), conn)
+    finally:
+        p.a.run("iptables-legacy", *["-D" if a == "-I" else a for a in clobber], check=False)
+        for s in services:
+            s.stop()
