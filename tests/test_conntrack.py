@@ -232,8 +232,16 @@ def test_counters_match_capture_and_rules_exactly(netpair, tmp_path, family):
         assert agent("transfer", sport=sport, nbytes=size)["received"] == size
         key = dict(family=family, src=a, sport=sport, dst=b, dport=PORT)
         # TIME_WAIT in conntrack means the last ACK has passed: nothing follows.
-        ct = wait_for(lambda: (c := agent("get", **key)) and c["state"] == "TIME_WAIT" and c,
-                      what="conntrack TIME_WAIT")
+        seen = []   # the states on the way: the message should it never come (it did not, once, in CI)
+
+        def time_wait():
+            c = agent("get", **key)
+            seen.append(str(c["state"] if c else None))
+            return c and c["state"] == "TIME_WAIT" and c
+        try:
+            ct = wait_for(time_wait, what="conntrack TIME_WAIT")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {key}: states seen, in order: {list(dict.fromkeys(seen))}") from None
         # ...and a server socket out of LAST-ACK means that ACK has left a's veth.
         wait_for(lambda: not netpair.b.run("ss", "-tanH", "state", "last-ack").stdout.strip(),
                  what="server socket closed")
