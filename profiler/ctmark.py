@@ -15,6 +15,7 @@ harvest asks for thousands.
 import errno
 import socket
 import struct
+from typing import NamedTuple
 
 NETLINK_NETFILTER = 12
 _CT_NEW = 1 << 8 | 0       # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
@@ -106,15 +107,10 @@ def picked_up(payload):
     return all(k in flags and payload[flags[k][0]] & _BE_LIBERAL for k in (_TCP_FLAGS_ORIGINAL, _TCP_FLAGS_REPLY))
 
 
-class Entry:
+class Entry(NamedTuple):
     """What a harvest needs to know of a connection's entry."""
-    __slots__ = ("marked", "picked_up")
-
-    def __init__(self, marked, picked_up):
-        self.marked, self.picked_up = marked, picked_up
-
-    def __repr__(self):
-        return f"Entry(marked={self.marked}, picked_up={self.picked_up})"
+    marked: bool
+    picked_up: bool
 
 
 MARKED = Entry(True, False)     # how nearly every entry reads: one object for all

@@ -78,6 +78,21 @@ class Service:
     def get(self, path):
         return self.request("GET", path)
 
+    def restarted(self, suffix=".2"):
+        """The service started again on this one's config, state and logs (after it was killed)."""
+        again = Service(self.ns, [], port=self.port, host_mounts=self.host_mounts)
+        again.token = self.token
+        again.dir, again.config_path, again.log_dir = self.dir, self.config_path, self.log_dir
+        again.out_path = self.out_path + suffix
+        again.start()
+        return again
+
+    def live_out_bytes(self, job):
+        """Bytes sent so far by `job`'s connections, open ones read live (0 before it is known)."""
+        from urllib.parse import quote
+        code, answer = self.get(f"/v1/jobs/{quote(job, safe='')}")
+        return answer["totals"]["out_bytes"] if code == 200 else 0
+
     def start_profile(self, job, proc_pid, owner="root"):
         import psutil
         created = psutil.Process(proc_pid).create_time()
@@ -184,6 +199,31 @@ def start_client(ns, remote, port, *, up=0, down=0, count=1, wait=True, extra=()
     if wait:
         args.append("--wait")
     return ns.popen(*args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def key(conn):
+    """A client's connection (its JSON line) as the logs and the capture name its outbound bytes."""
+    return conn["local"], conn["lport"], conn["remote"], conn["rport"]
+
+
+def start_upload(svc, p, job, total, pace, sent):
+    """A tracked client in `a` sending `total` bytes at `pace` bytes/s to a server in `b`, under way:
+    returns once the service counts `sent` of them. `finish_upload()` lets it end."""
+    start_server(p.b, p.ip_b, 9000)
+    client = start_client(p.a, p.ip_b, 9000, up=total, extra=("--pace", str(pace)))
+    assert svc.start_profile(job, client.pid)[0] == 200
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    wait_for(lambda: svc.live_out_bytes(job) > sent, timeout=30, what=f"{sent} bytes sent")
+    return client
+
+
+def finish_upload(client):
+    """The connection (JSON line) of a client from start_upload(), once it has exited."""
+    conn = json.loads(client.stdout.readline())
+    client.stdin.close()
+    client.wait(60)
+    return conn
 
 
 def run_client(proc, count, timeout=120):

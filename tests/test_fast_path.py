@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from harness import Capture, Service, compare, run_client, start_client, start_server
+from harness import (Capture, Service, compare, finish_upload, key, run_client, start_client, start_server,
+                     start_upload)
 from nstools import wait_for
 from profiler.ctmark import ConnMarks, mark_of, request
 
@@ -20,19 +21,10 @@ MB = 1_000_000
 MARK = 0x10000000
 
 
-def key(conn):
-    return conn["local"], conn["lport"], conn["remote"], conn["rport"]
-
-
 def jump_packets(ns, builtin, table="filter"):
     """Packets counted by our jump(s) from `builtin` in `table`."""
     out = ns.run("iptables-legacy", "-t", table, "-L", builtin, "-v", "-x", "-n").stdout
     return sum(int(line.split()[0]) for line in out.splitlines()[2:] if "NETPROF_" in line)
-
-
-def live_out_bytes(svc, job):
-    code, answer = svc.get(f"/v1/jobs/{job}")
-    return answer["totals"]["out_bytes"] if code == 200 else 0
 
 
 def assert_exact(svc, iface, truth, conn):
@@ -132,18 +124,11 @@ def test_a_connection_whose_mark_another_program_rewrites_is_completed_from_conn
     clobber = ("-t", "mangle", "-I", "POSTROUTING", "-p", "tcp", "-j", "CONNMARK", "--set-mark", "0x1")
     try:
         cap = Capture(p.a, p.iface_a)
-        start_server(p.b, p.ip_b, 9000)
-        client = start_client(p.a, p.ip_b, 9000, up=30 * MB, extra=("--pace", str(30 * MB)))
-        assert svc.start_profile("clobbered", client.pid)[0] == 200
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        wait_for(lambda: live_out_bytes(svc, "clobbered") > 5 * MB, timeout=30, what="5 MB sent")
+        client = start_upload(svc, p, "clobbered", 30 * MB, 30 * MB, 5 * MB)
         p.a.run("iptables-legacy", *clobber)
         time.sleep(0.2)
         p.a.run("iptables-legacy", *["-D" if a == "-I" else a for a in clobber])
-        conn = json.loads(client.stdout.readline())
-        client.stdin.close()
-        client.wait(60)
+        conn = finish_upload(client)
         wait_for(lambda: key(conn) in svc.logged(p.iface_a), timeout=20, what="logged")
         cap.stop()
         truth = cap.bytes()
@@ -165,27 +150,17 @@ def test_a_restart_marks_connections_an_earlier_run_left_unmarked(netpair):
     try:
         assert "connmark" not in p.a.run("iptables-legacy-save").stdout
         cap = Capture(p.a, p.iface_a)
-        start_server(p.b, p.ip_b, 9000)
-        client = start_client(p.a, p.ip_b, 9000, up=30 * MB, extra=("--pace", str(30 * MB)))
-        assert svc.start_profile("upgrade", client.pid)[0] == 200
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        wait_for(lambda: live_out_bytes(svc, "upgrade") > 5 * MB, timeout=30, what="5 MB sent")
+        client = start_upload(svc, p, "upgrade", 30 * MB, 30 * MB, 5 * MB)
         svc.proc.send_signal(signal.SIGKILL)
         svc.proc.wait(10)
         with open(svc.config_path) as f:
             config = f.read().replace("FAST_PATH_MARK = 0\n", "")
         with open(svc.config_path, "w") as f:
             f.write(config)
-        restarted = Service(p.a, [p.iface_a])
-        restarted.dir, restarted.config_path, restarted.log_dir = svc.dir, svc.config_path, svc.log_dir
-        restarted.out_path = svc.out_path + ".2"
-        restarted.start()
+        restarted = svc.restarted()
         try:
             assert "connmark" in p.a.run("iptables-legacy-save").stdout
-            conn = json.loads(client.stdout.readline())
-            client.stdin.close()
-            client.wait(60)
+            conn = finish_upload(client)
             wait_for(lambda: key(conn) in restarted.logged(p.iface_a), timeout=20, what="logged after restart")
             cap.stop()
             assert_exact(restarted, p.iface_a, cap.bytes(), conn)
@@ -251,16 +226,9 @@ def test_a_conntrack_flush_mid_connection_is_not_completed_from_the_new_entry(ne
     svc.start()
     try:
         cap = Capture(p.a, p.iface_a)
-        start_server(p.b, p.ip_b, 9000)
-        client = start_client(p.a, p.ip_b, 9000, up=20 * MB, extra=("--pace", str(20 * MB)))
-        assert svc.start_profile("flushed", client.pid)[0] == 200
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        wait_for(lambda: live_out_bytes(svc, "flushed") > 5 * MB, timeout=30, what="5 MB sent")
+        client = start_upload(svc, p, "flushed", 20 * MB, 20 * MB, 5 * MB)
         p.a.run(PYTHON, "-c", FLUSH_SCRIPT)
-        conn = json.loads(client.stdout.readline())
-        client.stdin.close()
-        client.wait(60)
+        conn = finish_upload(client)
         wait_for(lambda: key(conn) in svc.logged(p.iface_a), timeout=20, what="logged")
         cap.stop()
         truth = cap.bytes()
@@ -323,16 +291,9 @@ def test_packets_conntrack_leaves_without_an_entry_are_counted_through_the_secon
     try:
         p.a.run("sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0")
         cap = Capture(p.a, p.iface_a)
-        start_server(p.b, p.ip_b, 9000)
-        client = start_client(p.a, p.ip_b, 9000, up=20 * MB, extra=("--pace", str(20 * MB)))
-        assert svc.start_profile("invalid", client.pid)[0] == 200
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        wait_for(lambda: live_out_bytes(svc, "invalid") > 5 * MB, timeout=30, what="5 MB sent")
+        client = start_upload(svc, p, "invalid", 20 * MB, 20 * MB, 5 * MB)
         p.a.run(PYTHON, "-c", FLUSH_SCRIPT)
-        conn = json.loads(client.stdout.readline())
-        client.stdin.close()
-        client.wait(60)
+        conn = finish_upload(client)
         wait_for(lambda: key(conn) in svc.logged(p.iface_a), timeout=20, what="logged")
         cap.stop()
         assert_exact(svc, p.iface_a, cap.bytes(), conn)
@@ -355,30 +316,20 @@ def test_a_mark_lost_while_no_service_ran_is_found_at_the_restart_and_kept_throu
     services = [svc]
     try:
         cap = Capture(p.a, p.iface_a)
-        start_server(p.b, p.ip_b, 9000)
-        client = start_client(p.a, p.ip_b, 9000, up=30 * MB, extra=("--pace", str(20 * MB)))
-        assert svc.start_profile("down", client.pid)[0] == 200
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        wait_for(lambda: live_out_bytes(svc, "down") > 5 * MB, timeout=30, what="5 MB sent")
+        client = start_upload(svc, p, "down", 30 * MB, 20 * MB, 5 * MB)
         svc.proc.send_signal(signal.SIGKILL)
         svc.proc.wait(10)
         p.a.run("iptables-legacy", *clobber)
         time.sleep(0.2)
         p.a.run("iptables-legacy", *["-D" if a == "-I" else a for a in clobber])
         for n in (2, 3):        # the restart that finds it, then one after another kill -9
-            again = Service(p.a, [p.iface_a])
-            again.dir, again.config_path, again.log_dir = svc.dir, svc.config_path, svc.log_dir
-            again.out_path = f"{svc.out_path}.{n}"
+            again = svc.restarted(f".{n}")
             services.append(again)
-            again.start()
             if n == 2:
                 assert "restart: 1 connections' conntrack entries had lost the fast-path mark" in again.output()
                 again.proc.send_signal(signal.SIGKILL)
                 again.proc.wait(10)
-        conn = json.loads(client.stdout.readline())
-        client.stdin.close()
-        client.wait(60)
+        conn = finish_upload(client)
         wait_for(lambda: key(conn) in services[-1].logged(p.iface_a), timeout=20, what="logged")
         cap.stop()
         rec = services[-1].json_records(p.iface_a)[key(conn)]

@@ -1,12 +1,11 @@
 """Never lose data: a crash and restart, other programs changing our rules."""
-import json
 import os
 import signal
 import time
 
 import pytest
 
-from harness import Capture, Service, run_client, start_client, start_server
+from harness import Capture, Service, finish_upload, key, run_client, start_client, start_server, start_upload
 from nstools import wait_for
 from profiler.chains import chain_info, outdated
 
@@ -16,44 +15,19 @@ MB = 1_000_000
 MARKED, INVALID = "-m connmark --mark 0x10000000/0x10000000", "-m conntrack --ctstate INVALID,UNTRACKED"
 
 
-def key(conn):
-    return conn["local"], conn["lport"], conn["remote"], conn["rport"]
-
-
-def live_out_bytes(svc, job):
-    code, answer = svc.get(f"/v1/jobs/{job}")
-    return answer["totals"]["out_bytes"] if code == 200 else 0
-
-
-def restart(svc, p):
-    """The service started again on `svc`'s config, state and logs, after `svc` was killed."""
-    restarted = Service(p.a, [p.iface_a])
-    restarted.dir, restarted.config_path, restarted.log_dir = svc.dir, svc.config_path, svc.log_dir
-    restarted.out_path = svc.out_path + ".2"
-    restarted.start()
-    return restarted
-
-
 def test_kill_9_in_the_middle_of_100MB_then_restart_loses_nothing(netpair):
     p = netpair
     svc = Service(p.a, [p.iface_a])
     svc.start()
     try:
         cap = Capture(p.a, p.iface_a)
-        start_server(p.b, p.ip_b, 9000)
-        client = start_client(p.a, p.ip_b, 9000, up=100 * MB, extra=("--pace", str(40 * MB)))
-        assert svc.start_profile("crash#1", client.pid)[0] == 200
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        wait_for(lambda: live_out_bytes(svc, "crash%231") > 20 * MB, timeout=30, what="20 MB sent")
+        client = start_upload(svc, p, "crash#1", 100 * MB, 40 * MB, 20 * MB)
         svc.proc.send_signal(signal.SIGKILL)
         svc.proc.wait(10)
         time.sleep(0.3)     # the transfer goes on while no service runs
-        restarted = restart(svc, p)
+        restarted = svc.restarted()
         assert "carried on with 1 jobs" in restarted.output()
-        conn = json.loads(client.stdout.readline())
-        client.stdin.close()
-        client.wait(60)
+        conn = finish_upload(client)
         wait_for(lambda: key(conn) in restarted.logged(p.iface_a), timeout=20, what="logged after restart")
         code, answer = restarted.get("/endprofile/jobid=crash%231")
         assert code == 200 and answer["totals"]["connections"] == 1
@@ -106,12 +80,7 @@ def test_an_upgrade_from_the_two_level_layout_moves_live_rules_and_loses_nothing
     client = None
     try:
         cap = Capture(p.a, p.iface_a)
-        start_server(p.b, p.ip_b, 9000)
-        client = start_client(p.a, p.ip_b, 9000, up=60 * MB, extra=("--pace", str(30 * MB)))
-        assert svc.start_profile("upgrade#1", client.pid)[0] == 200
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        wait_for(lambda: live_out_bytes(svc, "upgrade%231") > 10 * MB, timeout=30, what="10 MB sent")
+        client = start_upload(svc, p, "upgrade#1", 60 * MB, 30 * MB, 10 * MB)
         # Paused, so that no packet passes while the tables are rewritten (a restore is not exact).
         os.kill(client.pid, signal.SIGSTOP)
         svc.proc.send_signal(signal.SIGKILL)
@@ -130,11 +99,9 @@ def test_an_upgrade_from_the_two_level_layout_moves_live_rules_and_loses_nothing
                       if line.startswith(":") and outdated(line.split()[0][1:])]
         assert len(old_leaves) == 2, old_leaves       # the connection's, one a direction
         os.kill(client.pid, signal.SIGCONT)
-        restarted = restart(svc, p)
+        restarted = svc.restarted()
         assert "moved 2 rules" in restarted.output() and "carried on with 1 jobs" in restarted.output()
-        conn = json.loads(client.stdout.readline())
-        client.stdin.close()
-        client.wait(60)
+        conn = finish_upload(client)
         wait_for(lambda: key(conn) in restarted.logged(p.iface_a), timeout=20, what="logged after restart")
         code, answer = restarted.get("/endprofile/jobid=upgrade%231")
         assert code == 200 and answer["totals"]["connections"] == 1
@@ -193,12 +160,7 @@ def test_rules_changed_by_another_program_are_repaired_and_counted(netpair, inte
     try:
         svc.start()
         cap = Capture(p.a, p.iface_a)
-        start_server(p.b, p.ip_b, 9000)
-        client = start_client(p.a, p.ip_b, 9000, up=30 * MB, extra=("--pace", str(20 * MB)))
-        assert svc.start_profile("meddle", client.pid)[0] == 200
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        wait_for(lambda: live_out_bytes(svc, "meddle") > 5 * MB, timeout=30, what="5 MB sent")
+        client = start_upload(svc, p, "meddle", 30 * MB, 20 * MB, 5 * MB)
         chain_out = f"NETPROF_O_{p.iface_a}"
         jump = f"-o {p.iface_a} {MARKED} -j {chain_out}"   # the fast path's
         # In both tables that hold connection rules (shards.py): the connection's rules are in one.
@@ -218,9 +180,7 @@ def test_rules_changed_by_another_program_are_repaired_and_counted(netpair, inte
                 # Ours first again (the fast path's two jumps); theirs left alone.
                 assert outputs[:3] == [f"-A OUTPUT {jump}", f"-A OUTPUT {jump.replace(MARKED, INVALID)}",
                                        "-A OUTPUT -p udp -j ACCEPT"], table
-        conn = json.loads(client.stdout.readline())
-        client.stdin.close()
-        client.wait(60)
+        conn = finish_upload(client)
         wait_for(lambda: key(conn) in svc.logged(p.iface_a), timeout=20, what="logged")
         cap.stop()
         truth = cap.bytes()
