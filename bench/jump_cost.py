@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""What the fast path's jumps cost a 1,500-byte download, without the service.
+
+  python bench/jump_cost.py [ROUNDS]      (default 5; about a minute a round; root only)
+
+Uses bench/tree_shapes.py's namespaces (dptA/dptB, 10.231.250.0/24), rules and iperf3 runs: 5,000
+connection pairs in the three-level tree (shape E), conntrack on (as the service turns it on), all
+offloads off, iperf3 -R so the data packets cross dptA's INPUT. Each round runs, interleaved with
+rule-free runs: the tree behind a plain jump (every packet walks it), behind the marked jump alone,
+and behind the marked jump plus the INVALID,UNTRACKED jump (the service's fast path; one table here,
+where the service has two). Prints each run, then per layout the median throughput over the median
+rule-free one. Everything it made is removed on exit.
+"""
+import os
+import random
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tree_shapes as T  # noqa: E402
+
+CT = ":NPT_CT - [0:0]\n-A NPT_CT -m conntrack --ctstate INVALID -j RETURN\nCOMMIT"
+MARKED = "-m connmark --mark 0x10000000/0x10000000"
+INVALID = "-m conntrack --ctstate INVALID,UNTRACKED"
+
+
+def with_conntrack(text):
+    return text.replace("COMMIT", CT, 1)
+
+
+def fast_path(text, second_jump):
+    for d, builtin, flag in (("O", "OUTPUT", "-o"), ("I", "INPUT", "-i")):
+        plain = f"-A {builtin} {flag} {T.VA} -j NPT_{d}"
+        assert plain in text
+        jumps = f"-A {builtin} {flag} {T.VA} {MARKED} -j NPT_{d}"
+        if second_jump:
+            jumps += f"\n-A {builtin} {flag} {T.VA} {INVALID} -j NPT_{d}"
+        text = text.replace(plain, jumps)
+    return text
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("root only")
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    if rounds < 1:
+        sys.exit("ROUNDS must be at least 1")
+    ports = random.Random(20240601).sample(range(T.PORT_LO, T.PORT_HI + 1), 5000)
+    cport = next(p for p in range(45123, T.PORT_HI) if p not in set(ports))
+    tree = with_conntrack(T.ruleset("E", ports))
+    layouts = {"plain jump": tree, "marked jump": fast_path(tree, False), "both jumps": fast_path(tree, True)}
+    none = with_conntrack(T.ruleset("A", ports, with_rules=False))
+    T.setup()
+    try:
+        T.offloads(False)
+        T.iperf(2, cport)
+        runs = {name: [] for name in ["none", *layouts]}
+        for r in range(rounds):
+            names = list(layouts)[r % len(layouts):] + list(layouts)[:r % len(layouts)]
+            for name in [x for n in names for x in ("none", n)] + ["none"]:
+                T.load(none if name == "none" else layouts[name])
+                gbps, _ = T.iperf(5, cport)
+                runs[name].append(gbps)
+                print(f"round {r} {name:12s} {gbps:6.2f} Gbit/s", flush=True)
+        ref = statistics.median(runs["none"])
+        for name in layouts:
+            print(f"{name:12s} {statistics.median(runs[name]) / ref:.3f} of the rule-free rate")
+    finally:
+        T.cleanup()
+
+
+if __name__ == "__main__":
+    main()
