@@ -6,6 +6,7 @@ import configparser
 import ipaddress
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .errors import ConfigError
 
@@ -61,9 +62,10 @@ class Config:
     # itself, which costs every packet the interface sends a copy).
     capture: str = "nflog"
     nflog_group: int = 7460
-    # The conntrack mark bit of the fast path (0: off): only packets of connections with this bit
-    # walk our chains; every other packet passes two jumps a table. Needs HOLD_SYNS and CONNTRACK.
-    fast_path_mark: int = 0x10000000
+    # The conntrack label bit of the fast path (None: off): packets of connections with this label
+    # (every connection whose SYN is not held gets it) pass one rule a table instead of walking our
+    # chains. Needs HOLD_SYNS and CONNTRACK.
+    fast_path_label: Optional[int] = 121
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -103,14 +105,17 @@ def _queue_num(key, raw):
     return value
 
 
-def _mark_bit(key, raw):
+def _label_bit(key, raw):
+    value = raw.strip().lower()
+    if value in ("no", "off"):
+        return None
     try:
-        value = int(raw.strip(), 0)
+        bit = int(value, 10)
     except ValueError:
-        raise ConfigError(key, f"{raw!r} is not a number (0x10000000, or 0 for off)") from None
-    if value < 0 or value >= 1 << 32 or value & (value - 1):
-        raise ConfigError(key, f"{raw!r} must be one bit of a 32-bit mark (0x1 to 0x80000000), or 0 for off")
-    return value
+        raise ConfigError(key, f"{raw!r} is not a conntrack label bit (0 to 127), or 'off'") from None
+    if not 0 <= bit <= 127:
+        raise ConfigError(key, f"{raw!r} must be a conntrack label bit from 0 to 127, or 'off'")
+    return bit
 
 
 def _networks(key, raw):
@@ -210,7 +215,7 @@ _PARSERS = {
     "RULE_TABLES": ("rule_tables", _rule_tables),
     "CAPTURE": ("capture", lambda k, v: _choice(k, v, ("nflog", "interface"))),
     "NFLOG_GROUP": ("nflog_group", _queue_num),
-    "FAST_PATH_MARK": ("fast_path_mark", _mark_bit),
+    "FAST_PATH_LABEL": ("fast_path_label", _label_bit),
 }
 KNOWN_KEYS = tuple(_PARSERS)
 

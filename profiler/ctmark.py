@@ -1,13 +1,18 @@
-"""The fast path's conntrack mark bit, set and read through ctnetlink.
+"""The fast path's conntrack label, cleared and read through ctnetlink.
 
-With the fast path on, the jumps from INPUT and OUTPUT into our chains are taken only by packets
-whose conntrack entry carries one mark bit (FAST_PATH_MARK), or by packets with no entry at all
-(INVALID): every other packet passes those two rules instead of a walk of the chain tree. A held
-SYN's connection gets the bit from the rule before its NFQUEUE rule (firewall.py), so every packet
-of it is counted, the SYN first. This module sets the bit
-on connections whose rules come later (and on those a restart carries on with), and reads it back
-at harvest: an entry without it (conntrack flushed, or the mark rewritten by another program) means
-packets passed uncounted.
+With the fast path on, the jump from INPUT (or OUTPUT) into each of our top chains is passed over
+by packets whose conntrack entry carries one label bit (FAST_PATH_LABEL): the label says "not a
+tracked connection". The SYN hold chains (firewall.py) put it on every connection whose SYN they do
+not hold. Everything else takes the jump: a held SYN's connection, whose every packet is then
+counted, and packets with no entry at all (INVALID: an out-of-window segment, say; UNTRACKED), or
+of an entry made before the label existed (conntrack picked the connection up again after a flush,
+or it is older than the service). xt_connlabel matches an absent entry when inverted, which a
+conntrack mark cannot: one rule a table does what a mark needed two for.
+
+This module clears the label of connections whose rules come later (whose SYN was not held, and
+those a restart carries on with), and reads it back at harvest: an entry with the label (another
+program set it) means packets passed uncounted. It also reads an earlier version's fast-path mark,
+once, at a restart after an upgrade.
 
 Requests go out many to a datagram, raw: pyroute2's NFCTSocket took 0.87 ms a lookup here, and a
 harvest asks for thousands.
@@ -23,7 +28,8 @@ _CT_GET = 1 << 8 | 1
 _NLM_F_REQUEST, _NLM_F_ACK = 1, 4
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _NESTED = 0x8000
-_CTA_TUPLE_ORIG, _CTA_MARK, _CTA_MARK_MASK = 1, 8, 21
+_CTA_TUPLE_ORIG, _CTA_MARK, _CTA_LABELS, _CTA_LABELS_MASK = 1, 8, 22, 23
+LABEL_BITS = 128            # xt_connlabel: bits 0 to 127, four host-order 32-bit words
 _CTA_TUPLE_IP, _CTA_TUPLE_PROTO = 1, 2
 _CTA_PROTO_NUM, _CTA_PROTO_SRC_PORT, _CTA_PROTO_DST_PORT = 1, 2, 3
 _IP_ATTRS = {socket.AF_INET: (1, 2), socket.AF_INET6: (3, 4)}   # CTA_IP_V4_SRC/DST, CTA_IP_V6_SRC/DST
@@ -64,15 +70,24 @@ def _get4(seq, src, sport, dst, dport):
                       6, _CTA_PROTO_SRC_PORT, sport.to_bytes(2, "big"), 6, _CTA_PROTO_DST_PORT, dport.to_bytes(2, "big"))
 
 
-def request(kind, flags, seq, conn, bit=None):
+def _labels(bit):
+    words = [0] * (LABEL_BITS // 32)
+    words[bit // 32] = 1 << (bit % 32)
+    return struct.pack("=4I", *words)
+
+
+_NO_LABELS = bytes(LABEL_BITS // 8)
+
+
+def request(kind, flags, seq, conn, clear=None):
     """One ctnetlink message for conn = (family, src, sport, dst, dport): either direction's tuple
-    finds the entry. With `bit`, an update that sets that bit alone (mask and value both the bit)."""
+    finds the entry. With `clear` (a label bit), an update that clears that label alone."""
     family = conn[0]
-    if kind == _CT_GET and family == socket.AF_INET and bit is None and flags == _NLM_F_REQUEST:
+    if kind == _CT_GET and family == socket.AF_INET and clear is None and flags == _NLM_F_REQUEST:
         return _get4(seq, *conn[1:])
     body = struct.pack("=BBH", family, 0, 0) + _tuple(*conn)
-    if bit is not None:
-        body += _attr(_CTA_MARK, struct.pack("!I", bit)) + _attr(_CTA_MARK_MASK, struct.pack("!I", bit))
+    if clear is not None:
+        body += _attr(_CTA_LABELS, _NO_LABELS) + _attr(_CTA_LABELS_MASK, _labels(clear))
     return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
 
 
@@ -96,6 +111,15 @@ def mark_of(payload):
     return struct.unpack_from("!I", payload, where[0])[0] if where and where[1] - where[0] >= 4 else 0
 
 
+def labelled(payload, bit):
+    """Whether label `bit` is set in a ctnetlink entry message's payload (the kernel leaves out
+    CTA_LABELS when no label is set, or the entry has none)."""
+    where = _attrs(payload, 4, len(payload)).get(_CTA_LABELS)
+    if not where or where[1] - where[0] < (bit // 32 + 1) * 4:
+        return False
+    return bool(struct.unpack_from("=I", payload, where[0] + bit // 32 * 4)[0] >> (bit % 32) & 1)
+
+
 def picked_up(payload):
     """Whether conntrack made this entry from a packet in the middle of the connection (after a
     flush, say) rather than from its SYN: its counters then miss what came before."""
@@ -109,19 +133,19 @@ def picked_up(payload):
 
 class Entry(NamedTuple):
     """What a harvest needs to know of a connection's entry."""
-    marked: bool
+    counted: bool       # its packets take the jump into our chains
     picked_up: bool
 
 
-MARKED = Entry(True, False)     # how nearly every entry reads: one object for all
+COUNTED = Entry(True, False)     # how nearly every entry reads: one object for all
 
 
-class ConnMarks:
-    """Sets and reads one conntrack mark bit of TCP connections, many per system call."""
+class ConnLabels:
+    """Clears and reads one conntrack label bit of TCP connections, many per system call."""
 
     def __init__(self, bit):
-        if not bit or bit & (bit - 1):
-            raise ValueError(f"the mark must be one bit, not {bit:#x}")
+        if not 0 <= bit < LABEL_BITS:
+            raise ValueError(f"a conntrack label is a bit from 0 to {LABEL_BITS - 1}, not {bit}")
         self.bit = bit
         self._sock = None
         self._seq = 0
@@ -145,7 +169,7 @@ class ConnMarks:
             self._sock = s
         return self._sock
 
-    def _exchange(self, conns, kind, flags, bit=None):
+    def _exchange(self, conns, kind, flags, clear=None):
         """{conn: (errno, payload)} of one answer per request; errno 0 with the entry's payload for
         a GET, errno 0 and b"" for an acknowledged update."""
         out = {}
@@ -160,7 +184,7 @@ class ConnMarks:
             self._seq += len(chunk)
             try:
                 sock = self._socket()
-                sock.send(b"".join(request(kind, flags, base + i, c, bit) for i, c in enumerate(chunk)))
+                sock.send(b"".join(request(kind, flags, base + i, c, clear) for i, c in enumerate(chunk)))
                 pending = len(chunk)
                 while pending:
                     size = sock.recv_into(buf)
@@ -185,25 +209,28 @@ class ConnMarks:
                 raise ConnMarkError(exc.errno or errno.EIO, f"ctnetlink did not answer: {exc}") from None
         return out
 
-    def set(self, conns):
-        """Set the bit on each connection's entry. Returns {conn: errno} of those not marked
-        (ENOENT: no entry). An update without NLM_F_CREATE never makes an entry."""
+    def clear(self, conns):
+        """Clear the label of each connection's entry, so that its packets take the jump. Returns
+        {conn: errno} of those that failed (ENOENT: no entry). An update without NLM_F_CREATE
+        never makes an entry; an entry made before the label existed has none to clear (ENOSPC),
+        and its packets take the jump already."""
         answers = self._exchange(conns, _CT_NEW, _NLM_F_REQUEST | _NLM_F_ACK, self.bit)
-        return {c: code for c, (code, _) in answers.items() if code}
+        return {c: code for c, (code, _) in answers.items() if code and code != errno.ENOSPC}
 
-    def read(self, conns, bit=None):
-        """{conn: Entry, None (no entry) or the errno of a failed read}; `bit`: another bit than ours
-        (the one an earlier run used)."""
-        bit = bit or self.bit
+    def read(self, conns, mark=None, label=None):
+        """{conn: Entry, None (no entry) or the errno of a failed read}. With `mark` (the mark bit an
+        earlier version's jumps took), whether the entry carries that mark instead; with `label`,
+        whether it is without that label rather than ours (an earlier run's)."""
+        label = self.bit if label is None else label
         out = {}
         for conn, (code, payload) in self._exchange(conns, _CT_GET, _NLM_F_REQUEST).items():
             if code == errno.ENOENT:
                 out[conn] = None
             elif code:
                 out[conn] = code
-            elif mark_of(payload) & bit:
-                out[conn] = MARKED
-            else:       # how it began matters only to an entry that lost the mark
+            elif (mark_of(payload) & mark) if mark else not labelled(payload, label):
+                out[conn] = COUNTED
+            else:       # how it began matters only to an entry whose packets passed uncounted
                 out[conn] = Entry(False, picked_up(payload))
         return out
 

@@ -3,7 +3,8 @@
 We own one set of chains in the legacy tables and touch no other rule. One instance looks after
 one table of connection rules, filter or security (shards.py splits the rules between two):
 - NETPROF_I_<iface> and NETPROF_O_<iface>, one jump each from INPUT and
-  OUTPUT, each the root of a tree of chains (see chains.py) whose leaves hold,
+  OUTPUT (with the fast path, taken only by packets of connections without its
+  conntrack label: ctmark.py), each the root of a tree of chains (see chains.py) whose leaves hold,
   per tracked connection, a RETURN rule matching its exact 4-tuple: the
   counters of the pair (one rule per direction) are its byte count. A rule is
   known by its leaf and 4-tuple; which connection id that is, we remember.
@@ -13,6 +14,7 @@ one table of connection rules, filter or security (shards.py splits the rules be
   OUTPUT and INPUT: they send the SYNs of tracked users and of tracked
   listening ports to an NFQUEUE (with --queue-bypass, so traffic flows if we
   are gone), where the service holds them until their rules are committed.
+  With the fast path their last rule labels the connection of every SYN not held.
 
 Every change is done while holding /run/xtables.lock, as the iptables
 commands do: python-iptables does not take the lock, and two uncoordinated
@@ -245,7 +247,7 @@ class _Family:
             entry = self.table.next_rule(entry)
         return out
 
-    def syn_rule(self, target, iface=None, inbound=False, uid=None, dport=None, queue_num=None, mark=None):
+    def syn_rule(self, target, iface=None, inbound=False, uid=None, dport=None, queue_num=None):
         r = self.rule_cls()
         r.protocol = "tcp"
         if iface and iface != "any":
@@ -263,22 +265,20 @@ class _Family:
         if queue_num is not None:
             t.queue_num = str(queue_num)
             t.queue_bypass = "1"
-        if mark is not None:
-            t.set_xmark = f"{mark:#x}/{mark:#x}"
         return r
 
 
 class IptablesFirewall(RawPath, CaptureRules):
-    def __init__(self, interfaces, lock=None, queue_num=None, table="filter", nflog_groups=None, fast_mark=0):
+    def __init__(self, interfaces, lock=None, queue_num=None, table="filter", nflog_groups=None, fast_label=None):
         """`table`: where the connection rules and their chains go. Only the one in "filter" also
         looks after the SYN hold chains in mangle (shards.py puts half the rules in "security"),
         and the capture's NFLOG rules (logrules.py) for `nflog_groups` ({interface: group}).
-        `fast_mark`: the conntrack mark bit of the fast path (ctmark.py), 0 for none: only packets
-        of marked connections take the jumps into our chains, and held SYNs get it."""
+        `fast_label`: the conntrack label bit of the fast path (ctmark.py), None for none: packets of
+        connections carrying it pass the jumps into our chains by, and SYNs not held get it."""
         self.interfaces = tuple(interfaces)
         self.lock = lock or XtablesLock()
         self.queue_num = queue_num
-        self.fast_mark = fast_mark
+        self.fast_label = fast_label
         self.nflog_groups = dict(nflog_groups or {})
         self.table = table
         self.families = (socket.AF_INET, socket.AF_INET6)   # where setup() and verify() look
@@ -427,6 +427,7 @@ class IptablesFirewall(RawPath, CaptureRules):
                     for chain, builtin, inbound in ((HOLD_OUT, "OUTPUT", False), (HOLD_IN, "INPUT", True)):
                         mangle.table.create_chain(chain)
                         mangle.chain(builtin).insert_rule(mangle.syn_rule(chain, inbound=inbound))
+                    self._label_others(mangle)
                 self._log_rules(mangle)
         self._hold = (frozenset(), frozenset())
         return leftovers
@@ -497,7 +498,7 @@ class IptablesFirewall(RawPath, CaptureRules):
             ct.create_target("RETURN")
             fam.chain(CT_CHAIN).insert_rule(ct)
         for builtin in ("INPUT", "OUTPUT"):
-            ours = [name for name, (b, _) in tops.items() if b == builtin] * self.jumps_per_chain
+            ours = [name for name, (b, _) in tops.items() if b == builtin]
             jumps = fam.jumps(builtin)
             if (not rejump and sorted(jumps[:len(ours)]) == sorted(ours)
                     and sum(j.startswith(PREFIX + "_") for j in jumps) == len(ours)):
@@ -508,9 +509,8 @@ class IptablesFirewall(RawPath, CaptureRules):
             for rule in chain.rules:
                 if rule.target and rule.target.name.startswith(PREFIX + "_"):
                     chain.delete_rule(rule)
-            for name in dict.fromkeys(ours):
-                for jump in reversed(self._jumps(fam, builtin, name, tops[name][1])):   # each goes on top
-                    chain.insert_rule(jump)
+            for name in ours:
+                chain.insert_rule(self._jump(fam, builtin, name, tops[name][1]))   # each goes on top
         # Dispatch hops of the tree: every leaf in use must be reachable.
         jumps = {}
         for spec in self._installed.values():
@@ -531,25 +531,21 @@ class IptablesFirewall(RawPath, CaptureRules):
                         fixes.append(f"the jump from {hop.chain} to {hop.target} was missing")
         return fixes
 
-    @property
-    def jumps_per_chain(self):
-        return 2 if self.fast_mark else 1
-
-    def _jumps(self, fam, builtin, name, iface):
-        """The jump(s) from `builtin` into top chain `name`. With the fast path, packets of marked
-        connections take the first; the second takes those conntrack left without an entry
-        (INVALID: an out-of-window segment, say; UNTRACKED: the raw table's notrack), which no
-        mark can reach but whose bytes the capture sees."""
+    def _jump(self, fam, builtin, name, iface):
+        """The jump from `builtin` into top chain `name`. With the fast path, only TCP packets of
+        connections without the label take it: xt_connlabel, inverted, also matches a packet with
+        no conntrack entry (INVALID: an out-of-window segment, say; UNTRACKED: the raw table's
+        notrack), which the capture counts as well."""
         where = {"in_iface" if builtin == "INPUT" else "out_iface": None if iface == "any" else iface}
-        if not self.fast_mark:
-            return [fam.rule(None, 0, None, 0, name, **where)]
-        marked, stateless = fam.rule(None, 0, None, 0, name, **where), fam.rule(None, 0, None, 0, name, **where)
-        marked.create_match("connmark").mark = f"{self.fast_mark:#x}/{self.fast_mark:#x}"
-        stateless.create_match("conntrack").ctstate = "INVALID,UNTRACKED"
-        return [marked, stateless]
+        jump = fam.rule(None, 0, None, 0, name, **where)
+        if self.fast_label is not None:
+            jump.protocol = "tcp"
+            jump.create_match("connlabel").label = f"! {self.fast_label}"
+        return jump
 
-    def jump_mark(self):
-        """The fast-path mark bit the jumps into our chains match now (an earlier run's: 0 for none)."""
+    def earlier_fast_path(self):
+        """What the jumps into our chains pass packets by now (an earlier run's): ("label", bit),
+        ("mark", bit) of a version whose jumps took marked connections only, or None."""
         for family in self.families:
             try:
                 fam = self._fam(family)
@@ -561,9 +557,12 @@ class IptablesFirewall(RawPath, CaptureRules):
             for rule in rules:
                 if rule.target and rule.target.name.startswith(PREFIX + "_"):
                     for m in rule.matches:
-                        if m.name == "connmark" and m.parameters.get("mark"):
-                            return int(m.parameters["mark"].split("/")[0], 16)
-        return 0
+                        value = m.parameters.get("label" if m.name == "connlabel" else "mark", "")
+                        if m.name == "connlabel" and value.lstrip("!").strip().isdigit():
+                            return "label", int(value.lstrip("!").strip())
+                        if m.name == "connmark" and value:
+                            return "mark", int(value.split("/")[0], 16)
+        return None
 
     def _insert_pair(self, fam, spec, existing, jumps):
         """The two rules of a connection, in their leaves, creating the path to them as needed."""
@@ -605,12 +604,22 @@ class IptablesFirewall(RawPath, CaptureRules):
                 for iface in self.interfaces:
                     for chain, inbound, match in ([(out_chain, False, {"uid": u}) for u in sorted(wanted[0])]
                                                   + [(in_chain, True, {"dport": p}) for p in sorted(wanted[1])]):
-                        if self.fast_mark:
-                            # The connection of a held SYN is marked first: from the SYN on, each of
-                            # its packets takes the fast path's jump to its rules.
-                            chain.append_rule(mangle.syn_rule("CONNMARK", iface, inbound, mark=self.fast_mark, **match))
                         chain.append_rule(mangle.syn_rule("NFQUEUE", iface, inbound, queue_num=self.queue_num, **match))
+                self._label_others(mangle)
         self._hold = wanted
+
+    def _label_others(self, mangle):
+        """With the fast path: the last rule of each hold chain labels the connection of every SYN
+        not held (held ones leave the chain at their NFQUEUE rule): its packets then pass the
+        jumps into our chains by."""
+        if self.fast_label is None:
+            return
+        for name in (HOLD_OUT, HOLD_IN):
+            rule = mangle.rule_cls()
+            m = rule.create_match("connlabel")
+            m.label, m.set = str(self.fast_label), ""
+            rule.create_target("RETURN")
+            mangle.chain(name).append_rule(rule)
 
     # --- rule pairs -----------------------------------------------------------
 

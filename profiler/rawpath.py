@@ -86,7 +86,7 @@ class RawPath:
                 return False
             for builtin in ("INPUT", "OUTPUT"):
                 ours = {name for name, b in tops.items() if b == builtin}
-                n = len(ours) * self.jumps_per_chain
+                n = len(ours)
                 first = [e.jump[1] if e.jump and e.jump[0] == "chain" else None for e in raw.rules(builtin)[:n]]
                 if set(first) != ours or sum(j.startswith(PREFIX + "_") for j in raw.jumps(builtin)) != n:
                     return False

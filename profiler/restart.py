@@ -31,7 +31,7 @@ class Restart:
             if c["job"] in self.jobs:
                 conn = Connection(**c)
                 self.conns[conn.key] = conn
-        self._mark_kept(self.firewall.jump_mark())
+        self._admit_kept(self.firewall.earlier_fast_path())
         return {conn.cid: self._spec(conn) for conn in self.conns.values()}
 
     def after_setup(self, installed):

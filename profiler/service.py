@@ -63,7 +63,7 @@ class ApiServer:
 
 class Service:
     def __init__(self, config, *, firewall, processes, sockets, sink, capture_factory, clock=None,
-                 conntrack=None, synqueue_factory=None, store=None, marks=None):
+                 conntrack=None, synqueue_factory=None, store=None, labels=None):
         self.config = config
         self.store = store
         self.synqueue_factory = synqueue_factory
@@ -73,7 +73,7 @@ class Service:
         self.conntrack = conntrack
         self.capture_factory = capture_factory
         self.profiler = Profiler(config, firewall, processes, sockets, sink, clock or SystemClock(),
-                                 conntrack=conntrack, store=store, marks=marks)
+                                 conntrack=conntrack, store=store, labels=labels)
         self.captures = {}
         self.profiler.capture_stats = self._capture_stats
         self.api = None
@@ -126,13 +126,13 @@ class Service:
                  f", API on {self.config.bind_address}:{self.api.port}" if self.api else "")
 
     def _fast_path_off(self, why):
-        """Without held SYNs no connection is marked from its first packet: every packet walks the rules."""
-        if getattr(self.firewall, "fast_mark", 0):
+        """Without held SYNs no connection is counted from its first packet: every packet walks the rules."""
+        if getattr(self.firewall, "fast_label", None) is not None:
             log.warning("fast path off (%s): every packet on the watched interfaces walks the rule tree", why)
-            self.firewall.fast_mark = 0
-        if self.profiler.marks is not None:
-            self.profiler.marks.close()
-            self.profiler.marks = None
+            self.firewall.fast_label = None
+        if self.profiler.labels is not None:
+            self.profiler.labels.close()
+            self.profiler.labels = None
 
     def _capture_stats(self):
         out = {}
@@ -260,8 +260,8 @@ class Service:
                 log.warning("cannot remove %s: %s", self.config.state_file, exc)
         if self.conntrack is not None:
             self.conntrack.close()
-        if self.profiler.marks is not None and not self.profiler.running:
-            self.profiler.marks.close()
+        if self.profiler.labels is not None and not self.profiler.running:
+            self.profiler.labels.close()
         log.info("netprofiler stopped")
 
 
@@ -300,23 +300,23 @@ def build_service(config):
         store = StateStore(config.state_file)
     except Exception as exc:
         raise ProfilerError(f"cannot open the state file {config.state_file}: {exc}") from None
-    marks = None
-    fast_mark = config.fast_path_mark if config.hold_syns and conntrack is not None else 0
-    if config.fast_path_mark and not fast_mark:
+    labels = None
+    fast_label = config.fast_path_label if config.hold_syns and conntrack is not None else None
+    if config.fast_path_label is not None and fast_label is None:
         log.warning("fast path off: it needs HOLD_SYNS and conntrack accounting (CONNTRACK)")
-    if fast_mark:
-        from .ctmark import ConnMarks
-        marks = ConnMarks(fast_mark)
+    if fast_label is not None:
+        from .ctmark import ConnLabels
+        labels = ConnLabels(fast_label)
     filter_part = IptablesFirewall(config.interfaces, queue_num=config.queue_num if config.hold_syns else None,
-                                   nflog_groups=groups, fast_mark=fast_mark)
+                                   nflog_groups=groups, fast_label=fast_label)
     # The same lock object: one writer, and our own commits are not taken for another program's. With
     # RULE_TABLES = filter the security table is still looked at once, for pairs an earlier run left.
     firewall = ShardedFirewall(filter_part, IptablesFirewall(config.interfaces, lock=filter_part.lock, table="security",
-                                                             fast_mark=fast_mark),
+                                                             fast_label=fast_label),
                                split=config.rule_tables == "filter security")
     return Service(config, firewall=firewall, processes=ProcessTable(), sockets=SockDiag(),
                    sink=RollingLogSink(config.log_dir, config.max_bytes, config.backup_count, config.log_format,
                                        config.internal_networks),
                    capture_factory=capture_factory, conntrack=conntrack,
                    synqueue_factory=synqueue_factory if config.hold_syns else None,
-                   store=store, marks=marks)
+                   store=store, labels=labels)

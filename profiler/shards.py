@@ -46,16 +46,16 @@ class ShardedFirewall:
         self.primary.queue_num = value
 
     @property
-    def fast_mark(self):
-        return self.primary.fast_mark
+    def fast_label(self):
+        return self.primary.fast_label
 
-    @fast_mark.setter
-    def fast_mark(self, value):
+    @fast_label.setter
+    def fast_label(self, value):
         for part in self._parts:
-            part.fast_mark = value
+            part.fast_label = value
 
-    def jump_mark(self):
-        return self.primary.jump_mark()
+    def earlier_fast_path(self):
+        return self.primary.earlier_fast_path()
 
     @property
     def interfaces(self):

@@ -84,8 +84,8 @@ class FakeFirewall:
         self.removed_by_other = set()
         return ([f"{len(gone)} connections' rules were removed"] if gone else []), gone
 
-    def jump_mark(self):
-        return 0        # no earlier run's fast path
+    def earlier_fast_path(self):
+        return None        # no earlier run's fast path
 
     def set_hold(self, uids, ports):
         self.hold = (frozenset(uids), frozenset(ports))

@@ -247,10 +247,11 @@ def capture_rules_put_back():
     return out
 
 
-def fast_path_jumps_and_hold_marks():
-    """An earlier run without the fast path left plain jumps and a pair; a start with FAST_PATH_MARK
-    makes every jump (both families, INPUT and OUTPUT) match the mark, once, however often setup
-    runs; the hold chains mark a tracked owner's or port's SYN before queueing it."""
+def fast_path_jumps_and_hold_labels():
+    """An earlier run without the fast path left plain jumps and a pair; a start with FAST_PATH_LABEL
+    makes every jump (both families, INPUT and OUTPUT) pass labelled connections by, once, however
+    often setup runs; the hold chains label the SYNs they do not queue. earlier_fast_path() tells
+    a plain jump, an earlier version's connmark jump and a label jump apart."""
     lines = lambda tool="iptables-legacy-save": [  # noqa: E731
         line for line in subprocess.run([tool], capture_output=True, text=True).stdout.splitlines()
         if "NETPROF" in line and line.startswith(("-A INPUT", "-A OUTPUT", "-A NETPROF_HOLD"))]
@@ -258,14 +259,17 @@ def fast_path_jumps_and_hold_marks():
     old.setup()
     old.apply([spec("k1", 40001)], [])
     before = lines()
-    fw = IptablesFirewall([IFACE], queue_num=7913, fast_mark=0x10000000)
-    seen = [fw.jump_mark()]
+    fw = IptablesFirewall([IFACE], queue_num=7913, fast_label=121)
+    seen = [fw.earlier_fast_path()]
+    subprocess.run(["iptables-legacy", "-R", "INPUT", "1", "-i", IFACE, "-m", "connmark", "--mark",
+                    "0x10000000/0x10000000", "-j", f"NETPROF_I_{IFACE}"], check=True)
+    seen.append(fw.earlier_fast_path())
     fw.setup(keep={"k1": spec("k1", 40001)})
     fw.setup(keep={"k1": spec("k1", 40001)})
-    seen.append(fw.jump_mark())
+    seen.append(fw.earlier_fast_path())
     fw.set_hold({1000}, {8080})
     out = {"before": before, "after": lines(), "after6": lines("ip6tables-legacy-save"),
-           "installed": sorted(fw.installed), "jump_mark": seen, "verify": fw.verify(full=True)}
+           "installed": sorted(fw.installed), "earlier": seen, "verify": fw.verify(full=True)}
     fw.teardown()
     out["left"] = [line for tool in ("iptables-legacy-save", "ip6tables-legacy-save")
                    for line in subprocess.run([tool], capture_output=True, text=True).stdout.splitlines()

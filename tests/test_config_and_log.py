@@ -44,9 +44,11 @@ def test_values_and_lists(tmp_path):
     ("RULE_TABLES = mangle", "RULE_TABLES"),
     ("CAPTURE = pcap", "CAPTURE"),
     ("NFLOG_GROUP = 70000", "NFLOG_GROUP"),
-    ("FAST_PATH_MARK = 0x3", "FAST_PATH_MARK"),         # two bits
-    ("FAST_PATH_MARK = 0x100000000", "FAST_PATH_MARK"),
-    ("FAST_PATH_MARK = on", "FAST_PATH_MARK"),
+    ("FAST_PATH_LABEL = 128", "FAST_PATH_LABEL"),        # labels are bits 0 to 127
+    ("FAST_PATH_LABEL = -1", "FAST_PATH_LABEL"),
+    ("FAST_PATH_LABEL = 0x10", "FAST_PATH_LABEL"),
+    ("FAST_PATH_LABEL = on", "FAST_PATH_LABEL"),
+    ("FAST_PATH_MARK = 0x10000000", "FAST_PATH_MARK"),   # the key of the earlier fast path is gone
 ])
 def test_bad_values_name_the_key(line, key):
     with pytest.raises(ConfigError) as err:
@@ -54,10 +56,10 @@ def test_bad_values_name_the_key(line, key):
     assert key in str(err.value)
 
 
-def test_fast_path_mark_is_one_bit_in_any_base_or_off():
-    mark = lambda v: parse_config(f"[CONFIG]\nINTERFACE = eth0\nFAST_PATH_MARK = {v}\n").fast_path_mark  # noqa: E731
-    assert parse_config("[CONFIG]\nINTERFACE = eth0\n").fast_path_mark == 0x10000000
-    assert (mark("0x80000000"), mark("1024"), mark("0")) == (0x80000000, 1024, 0)
+def test_fast_path_label_is_a_bit_from_0_to_127_or_off():
+    label = lambda v: parse_config(f"[CONFIG]\nINTERFACE = eth0\nFAST_PATH_LABEL = {v}\n").fast_path_label  # noqa: E731
+    assert parse_config("[CONFIG]\nINTERFACE = eth0\n").fast_path_label == 121
+    assert (label("0"), label("127"), label(" 31 "), label("off"), label("No")) == (0, 127, 31, None, None)
 
 
 def test_one_nflog_group_per_interface_or_none_when_capturing_on_the_interface():

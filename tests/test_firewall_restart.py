@@ -117,30 +117,28 @@ def test_capture_rules_are_ours_to_put_back_and_to_remove(netpair):
     assert out["after"] == []
 
 
-def test_the_fast_path_mark_is_on_every_jump_once_and_on_held_syns(netpair):
-    out = scenario(netpair.a, "fast_path_jumps_and_hold_marks")
-    mark = "-m connmark --mark 0x10000000/0x10000000"
+def test_the_fast_path_label_is_on_every_jump_once_and_set_on_syns_not_held(netpair):
+    out = scenario(netpair.a, "fast_path_jumps_and_hold_labels")
     assert sorted(out["before"]) == ["-A INPUT -i eth9 -j NETPROF_I_eth9", "-A OUTPUT -o eth9 -j NETPROF_O_eth9"]
     jumps = [line for line in out["after"] if line.startswith(("-A INPUT", "-A OUTPUT")) and "HOLD" not in line]
-    invalid = "-m conntrack --ctstate INVALID,UNTRACKED"     # packets no mark can reach
-    assert jumps == [f"-A INPUT -i eth9 {mark} -j NETPROF_I_eth9", f"-A INPUT -i eth9 {invalid} -j NETPROF_I_eth9",
-                     f"-A OUTPUT -o eth9 {mark} -j NETPROF_O_eth9", f"-A OUTPUT -o eth9 {invalid} -j NETPROF_O_eth9"]
+    unlabelled = '-p tcp -m connlabel ! --label "121"'    # also every packet without an entry
+    assert jumps == [f"-A INPUT -i eth9 {unlabelled} -j NETPROF_I_eth9",
+                     f"-A OUTPUT -o eth9 {unlabelled} -j NETPROF_O_eth9"]
     assert [line for line in out["after6"] if "HOLD" not in line] == jumps
-    assert out["jump_mark"] == [0, 0x10000000]
+    # plain jumps, an earlier version's mark (read once at a restart), then ours
+    assert out["earlier"] == [None, ["mark", 0x10000000], ["label", 121]]
     assert out["installed"] == ["k1"]          # the pair the earlier run made is kept
     assert out["verify"] == [[], []]           # the jumps are what verify() expects
-    # In each chain's order: the mark first, then the queue.
+    # In each chain's order: the queue for what is held, then the label on every other SYN.
     hold = ([line for line in out["after"] if line.startswith("-A NETPROF_HOLD_O")]
             + [line for line in out["after"] if line.startswith("-A NETPROF_HOLD_I")])
     assert hold == [
         "-A NETPROF_HOLD_O -o eth9 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m owner --uid-owner 1000 "
-        "-j CONNMARK --set-xmark 0x10000000/0x10000000",
-        "-A NETPROF_HOLD_O -o eth9 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m owner --uid-owner 1000 "
         "-j NFQUEUE --queue-num 7913 --queue-bypass",
+        '-A NETPROF_HOLD_O -m connlabel --label "121" --set -j RETURN',
         "-A NETPROF_HOLD_I -i eth9 -p tcp -m tcp --dport 8080 --tcp-flags FIN,SYN,RST,ACK SYN "
-        "-j CONNMARK --set-xmark 0x10000000/0x10000000",
-        "-A NETPROF_HOLD_I -i eth9 -p tcp -m tcp --dport 8080 --tcp-flags FIN,SYN,RST,ACK SYN "
-        "-j NFQUEUE --queue-num 7913 --queue-bypass"], hold
+        "-j NFQUEUE --queue-num 7913 --queue-bypass",
+        '-A NETPROF_HOLD_I -m connlabel --label "121" --set -j RETURN'], hold
     hold6 = ([line for line in out["after6"] if line.startswith("-A NETPROF_HOLD_O")]
              + [line for line in out["after6"] if line.startswith("-A NETPROF_HOLD_I")])
     assert hold6 == hold          # IPv6 holds the same way

@@ -211,10 +211,10 @@ def test_restart_harvests_leftover_rules(netpair):
         assert "unknown" in rec["note"] and rec["out_bytes"] > 200_000 and rec["in_bytes"] > 0
         assert svc2.get("/status")[1]["installed_rules"] == 0
         jumps = [line for line in ours_left(p.a) if line.startswith("-A INPUT") or line.startswith("-A OUTPUT")]
-        # Into our chains from INPUT and OUTPUT, for IPv4 and IPv6: the fast path's two (marked
-        # packets, packets without a conntrack entry) in filter and security, one in mangle (the hold).
-        assert len(jumps) == 2 * 2 * (2 * 2 + 1), jumps
-        assert sum("connmark" in line for line in jumps) == sum("INVALID,UNTRACKED" in line for line in jumps) == 8
+        # Into our chains from INPUT and OUTPUT, for IPv4 and IPv6: the fast path's one (connections
+        # without its label) in filter and security, one in mangle (the hold).
+        assert len(jumps) == 2 * 2 * (2 + 1), jumps
+        assert sum('-p tcp -m connlabel ! --label "121"' in line for line in jumps) == 8, jumps
     finally:
         c.stdin.close()
         svc2.stop()
