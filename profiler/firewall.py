@@ -58,6 +58,17 @@ class Leftover:
     note: str = ""      # why a pair the durable state still knows was harvested, if it was
 
 
+# python-iptables decides whether a target names a chain by looking for it in every table it
+# believes available (Rule.tables), opening each one it has not yet; and the kernel makes every
+# legacy table a program opens, in that network namespace, for good: every packet there would pass
+# the hooks of raw, nat and the rest (the whole set cost a quarter of a 1,500-byte download on a
+# veth here, conntrack included). Our targets name chains of the tables we use, and only those
+# (_Family marks each as it opens it) are looked in.
+for _cls in (iptc.Table, iptc.Table6):
+    for _name in _cls.ALL:
+        _cls.existing_table_names.setdefault(_name, False)
+
+
 def _host(addr):
     return addr.split("/")[0]
 
@@ -178,12 +189,10 @@ class _Family:
     def __init__(self, family, mangle=False, table="filter"):
         self.family = family
         name = "mangle" if mangle else table
-        if family == socket.AF_INET:
-            self.table = iptc.Table(name)
-            self.rule_cls = iptc.Rule
-        else:
-            self.table = iptc.Table6(name)
-            self.rule_cls = iptc.Rule6
+        cls = iptc.Table if family == socket.AF_INET else iptc.Table6
+        self.table = cls(name)
+        self.rule_cls = iptc.Rule if family == socket.AF_INET else iptc.Rule6
+        cls.existing_table_names[name] = True
         self.table.autocommit = False
         self._template = None
 

@@ -25,6 +25,11 @@ def test_hundreds_of_live_connections_in_both_blocks_are_exact(netpair, rule_tab
     p.b.run("sysctl", "-qw", "net.ipv4.ip_local_port_range=40800 41100")
     try:
         svc.start()
+        # The kernel makes each legacy table a program opens, for good, and every packet then
+        # passes its hooks: the service opens filter and mangle, security only for the split,
+        # and never raw or nat (python-iptables would, looking up the chain a target names).
+        made = p.a.run("cat", "/proc/net/ip_tables_names", "/proc/net/ip6_tables_names").stdout.split()
+        assert sorted(set(made)) == sorted({"filter", "mangle"} | ({"security"} if rule_tables != "filter" else set()))
         cap = Capture(p.a, p.iface_a)
         start_server(p.b, p.ip_b, 9000)
         tracked_server, _ = start_server(p.a, p.ip_a, 9100)
