@@ -66,6 +66,7 @@ class Agent:
 
 class Env:
     def __init__(self, foreign_sockets):
+        self.bare = None
         self.pair = NetPair()
         try:
             p = self.pair
@@ -80,6 +81,12 @@ class Env:
             self.foreign_count = sum(f.read(300)["sockets"] for f in self.foreign)
             self.iperf_server = p.b.popen("iperf3", "-s", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
+            # A link in namespaces of its own, where no table is loaded and conntrack is off: the
+            # data path with nothing of the service at all (the reference link above shares the
+            # service's namespace, so its packets meet the service's tables and mangle rules too).
+            self.bare = NetPair()
+            self.bare.b.popen("iperf3", "-s", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
         except BaseException:
             self.close()
             raise
@@ -102,11 +109,16 @@ class Env:
         """TSO/GSO/GRO on or off on every veth end (off: netfilter sees 1,500-byte packets)."""
         state = "on" if on else "off"
         p = self.pair
-        for ns, iface in ((p.a, p.iface_a), (p.b, p.iface_b), (p.a, self.ref_a), (p.b, self.ref_b)):
+        ends = [(p.a, p.iface_a), (p.b, p.iface_b), (p.a, self.ref_a), (p.b, self.ref_b)]
+        if self.bare is not None:
+            ends += [(self.bare.a, self.bare.iface_a), (self.bare.b, self.bare.iface_b)]
+        for ns, iface in ends:
             ns.run("ethtool", "-K", iface, "tso", state, "gso", state, "gro", state)
 
     def client(self):
         return Agent(self.pair.a, "client")
 
     def close(self):
+        if self.bare is not None:
+            self.bare.close()
         self.pair.close()

@@ -58,8 +58,9 @@ def _paired(runs, name, ref="ref"):
 OTHER_USER = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
 
-def _untracked_run(env, secs):
-    return lambda argv: env.pair.a.run(*OTHER_USER, *argv, check=False, timeout=secs + 30).stdout
+def _untracked_run(env, secs, ns=None):
+    ns = ns or env.pair.a
+    return lambda argv: ns.run(*OTHER_USER, *argv, check=False, timeout=secs + 30).stdout
 
 
 # --- rule-free references ------------------------------------------------------------------
@@ -248,16 +249,21 @@ def service_dataplane(env, svc, client, s, r):
     # untracked: a flow of nobody's job, it passes every rule; tracked: a child of the tracked client,
     # its rules are the newest and so the first in the chains.
     configs = {"ref": (untracked, env.ref_ip_b), "untracked": (untracked, env.pair.ip_b),
-               "tracked": (tracked, env.pair.ip_b)}
+               "tracked": (tracked, env.pair.ip_b), "bare": (_untracked_run(env, s["iperf_secs"], env.bare.a),
+                                                             env.bare.ip_b)}
     dp = _dataplane(env, s, configs)
     dp.update(_dataplane(env, s, configs, reverse=True))
     for key, runs in dp.items():
         r[f"ref_gbps_{key}"] = round(median(runs["ref"]), 2)
         r[f"gbps_{key}"] = round(median(runs["untracked"]), 2)
         r[f"gbps_tracked_{key}"] = round(median(runs["tracked"]), 2)
+        r[f"bare_gbps_{key}"] = round(median(runs["bare"]), 2)
     for key, suffix in (("tso", ""), ("1500", "_1500"), ("tso_down", "_down"), ("1500_down", "_1500_down")):
         r[f"dataplane_ratio{suffix}"] = _paired(dp[key], "untracked")
         r[f"dataplane_ratio_tracked{suffix}"] = _paired(dp[key], "tracked")
+        # Against no service at all: what conntrack, the service's tables and its rules cost together.
+        r[f"dataplane_ratio_vs_bare{suffix}"] = _paired(dp[key], "untracked", "bare")
+        r[f"ref_ratio_vs_bare{suffix}"] = _paired(dp[key], "ref", "bare")
 
 
 def service_memory(env, svc, client, s, r):

@@ -57,6 +57,9 @@ def rows(r, s):
                                                                             "gbps_tracked")):
             ours = r.get(f"{prefix}_{key}")
             out.append((f"iperf3 Gbit/s, {label}, {kind} ({n:,} live)", ours, None, "-", ref, _ratio(ours, ref, 3)))
+        bare, ours = r.get(f"bare_gbps_{key}"), r.get(f"gbps_{key}")
+        out.append(("  untracked flow against a link in namespaces with no service (no tables, no conntrack)", ours,
+                    None, "-", bare, _ratio(ours, bare, 3)))
     m = r.get("rss_at_connections")
     out.append((f"service RSS, MB ({m} tracked)", r.get("rss_mb"), None, "-", None, "-"))
     out.append((f"service RSS, MB ({n:,} tracked)", r.get(f"rss_mb_{n}"), None, "-", None, "-"))
