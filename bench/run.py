@@ -30,7 +30,7 @@ from measure import NeighbourLoad, machine_busy_percent  # noqa: E402
 from report import table  # noqa: E402
 
 SCALES = {
-    "quick": dict(live=[50, 300], foreign=2000, probes=40, harvest_k=200, churn_secs=4, churn_rate=2000, churn16_secs=2, ref_churn_secs=2,
+    "quick": dict(live=[50, 300], foreign=2000, probes=40, harvest_k=200, churn_secs=4, churn_rate=2200, churn16_secs=2, ref_churn_secs=2,
                   iperf_secs=1, iperf_reps=1, calibrate=False, rss_at=1000, idle_secs=1.5, base_probes=6, base_churn_secs=2, parallel=16,
                   drain_secs=20),
     "full": dict(live=[100, 5000], foreign=20000, probes=200, harvest_k=1000, churn_secs=30, churn_rate=2200, churn16_secs=10, ref_churn_secs=5,

@@ -233,6 +233,9 @@ def parse_config(text, base_dir=HERE, route_lookup=default_route_interface):
     values = {}
     items = parser.items(SECTION) if parser.has_section(SECTION) else []
     for key, raw in items:
+        if key == "FAST_PATH_MARK":
+            raise ConfigError(key, "replaced by FAST_PATH_LABEL: a conntrack label bit from 0 to 127 (default "
+                                   "121), or off")
         if key not in _PARSERS:
             raise ConfigError(key, f"unknown key; known keys are {', '.join(KNOWN_KEYS)}")
         attr, convert = _PARSERS[key]

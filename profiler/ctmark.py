@@ -29,7 +29,9 @@ _NLM_F_REQUEST, _NLM_F_ACK = 1, 4
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _NESTED = 0x8000
 _CTA_TUPLE_ORIG, _CTA_MARK, _CTA_LABELS, _CTA_LABELS_MASK = 1, 8, 22, 23
-LABEL_BITS = 128            # xt_connlabel: bits 0 to 127, four host-order 32-bit words
+# xt_connlabel: bits 0 to 127 of an unsigned long bitmap, which ctnetlink hands over as host-order
+# 32-bit words: bit n is bit n % 32 of word n // 32 on a little-endian machine (or a 32-bit one).
+LABEL_BITS = 128
 _CTA_TUPLE_IP, _CTA_TUPLE_PROTO = 1, 2
 _CTA_PROTO_NUM, _CTA_PROTO_SRC_PORT, _CTA_PROTO_DST_PORT = 1, 2, 3
 _IP_ATTRS = {socket.AF_INET: (1, 2), socket.AF_INET6: (3, 4)}   # CTA_IP_V4_SRC/DST, CTA_IP_V6_SRC/DST
@@ -41,7 +43,7 @@ RCVBUF = 4 << 20
 SO_RCVBUFFORCE = 33      # not in the socket module
 
 
-class ConnMarkError(OSError):
+class ConnLabelError(OSError):
     """ctnetlink could not be opened, or did not answer."""
 
 
@@ -164,7 +166,7 @@ class ConnLabels:
                     self._batch = max(1, min(BATCH, got // 2048))   # an entry's answer is under 1 KB
                 s.bind((0, 0))
             except OSError as exc:
-                raise ConnMarkError(exc.errno, f"cannot open a ctnetlink socket: {exc.strerror}") from None
+                raise ConnLabelError(exc.errno, f"cannot open a ctnetlink socket: {exc.strerror}") from None
             s.settimeout(5)
             self._sock = s
         return self._sock
@@ -206,7 +208,7 @@ class ConnLabels:
                         pos += (length + 3) & ~3
             except OSError as exc:
                 self.close()       # answers of this batch may still be queued: start afresh
-                raise ConnMarkError(exc.errno or errno.EIO, f"ctnetlink did not answer: {exc}") from None
+                raise ConnLabelError(exc.errno or errno.EIO, f"ctnetlink did not answer: {exc}") from None
         return out
 
     def clear(self, conns):

@@ -107,11 +107,12 @@ class FastPath:
         flagged = []
         if earlier and exact:
             kind, bit = earlier
-            if self.labels is not None:
+            if self.labels is not None and bit is not None:
                 flagged = self._flag_passed(exact, lambda ts: self.labels.read(ts, **{kind: bit}), "restart")
             else:
+                why = "fast path now off" if self.labels is None else "the earlier run's label is named, not numbered"
                 for conn in exact:
-                    conn.incomplete_reason = conn.incomplete_reason or UNREAD.format("fast path now off")
+                    conn.incomplete_reason = conn.incomplete_reason or UNREAD.format(why)
                 flagged = exact
         if flagged and self.store is not None:
             # Durable before the label is cleared, which erases the evidence: another crash before

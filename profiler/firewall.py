@@ -554,7 +554,8 @@ class IptablesFirewall(RawPath, CaptureRules):
 
     def earlier_fast_path(self):
         """What the jumps into our chains pass packets by now (an earlier run's): ("label", bit),
-        ("mark", bit) of a version whose jumps took marked connections only, or None."""
+        ("mark", bit) of a version whose jumps took marked connections only, or None. The bit is
+        None when it cannot be told."""
         for family in self.families:
             try:
                 fam = self._fam(family)
@@ -567,8 +568,10 @@ class IptablesFirewall(RawPath, CaptureRules):
                 if rule.target and rule.target.name.startswith(PREFIX + "_"):
                     for m in rule.matches:
                         value = m.parameters.get("label" if m.name == "connlabel" else "mark", "")
-                        if m.name == "connlabel" and value.lstrip("!").strip().isdigit():
-                            return "label", int(value.lstrip("!").strip())
+                        if m.name == "connlabel":
+                            # A name instead of the number when /etc/xtables/connlabel.conf names it.
+                            value = value.lstrip("!").strip()
+                            return "label", int(value) if value.isdigit() else None
                         if m.name == "connmark" and value:
                             return "mark", int(value.split("/")[0], 16)
         return None
@@ -620,11 +623,16 @@ class IptablesFirewall(RawPath, CaptureRules):
     def _label_others(self, mangle):
         """With the fast path: the last rule of each hold chain labels the connection of every SYN
         not held (held ones leave the chain at their NFQUEUE rule): its packets then pass the
-        jumps into our chains by."""
+        jumps into our chains by. Not on lo, where a SYN passes both chains: one may hold what
+        the other would label."""
         if self.fast_label is None:
             return
         for name in (HOLD_OUT, HOLD_IN):
             rule = mangle.rule_cls()
+            if name == HOLD_OUT:
+                rule.out_interface = "!lo"
+            else:
+                rule.in_interface = "!lo"
             m = rule.create_match("connlabel")
             m.label, m.set = str(self.fast_label), ""
             rule.create_target("RETURN")
@@ -697,11 +705,11 @@ class IptablesFirewall(RawPath, CaptureRules):
         """Only the leaves these connections' rules are in: a harvest reads a few small chains."""
         return sorted({path(spec, d)[1] for spec in specs for d in ("I", "O")})
 
-    def usable_families(self):
-        """The families whose table of ours the kernel has (iptable_security may be missing). Only
-        a table that cannot be opened is left out: a lock held too long stops the start."""
+    def usable_families(self, families=(socket.AF_INET, socket.AF_INET6)):
+        """Those of `families` whose table of ours the kernel has (iptable_security may be missing).
+        Only a table that cannot be opened is left out: a lock held too long stops the start."""
         usable = []
-        for family in (socket.AF_INET, socket.AF_INET6):
+        for family in families:
             with self.lock.held():
                 try:
                     self._fam(family).table.refresh()

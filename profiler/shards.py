@@ -26,24 +26,23 @@ def shard_of(spec):
     return (port >> 12) & 1
 
 
-def _loaded(table):
-    """Whether the kernel has made legacy table `table` in this network namespace, for either family
-    (it makes one when a program first opens it)."""
-    for path in ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"):
-        try:
-            with open(path) as f:
-                if table in f.read().split():
-                    return True
-        except OSError:
-            continue
-    return False
+def _loaded(table, family):
+    """Whether the kernel has made legacy table `table` of `family` in this network namespace (it
+    makes one when a program first opens it)."""
+    path = "/proc/net/ip_tables_names" if family == socket.AF_INET else "/proc/net/ip6_tables_names"
+    try:
+        with open(path) as f:
+            return table in f.read().split()
+    except OSError:
+        return False
 
 
 class ShardedFirewall:
     """The netfilter adapter's interface, over one IptablesFirewall per table."""
 
-    def __init__(self, primary, secondary, split=True):
+    def __init__(self, primary, secondary, split=True, table_made=_loaded):
         self.primary = primary          # filter; it also owns the SYN hold chains in mangle
+        self._table_made = table_made   # (table, family) -> whether the kernel has made it here
         self._split_wanted = split
         self._parts = [primary, secondary]
         self._where = {}                # cid -> index in _parts of the table holding its rules
@@ -104,8 +103,10 @@ class ShardedFirewall:
         packet would then pass its hooks (about 3% of a 1,500-byte download here)."""
         leftovers = self.primary.setup(keep)
         usable = []
-        if len(self._parts) > 1 and (self._split_wanted or _loaded(self._parts[1].table)):
-            usable = self._parts[1].usable_families()
+        if len(self._parts) > 1:
+            families = [f for f in (socket.AF_INET, socket.AF_INET6)
+                        if self._split_wanted or self._table_made(self._parts[1].table, f)]
+            usable = self._parts[1].usable_families(families) if families else []
         if usable:
             leftovers += self._parts[1].setup(keep, families=usable)
             if not self._split_wanted and not self._parts[1].installed:

@@ -32,8 +32,9 @@ class FakeFirewall:
         self.installed.update({cid: spec for cid, spec in (keep or {}).items() if cid in self.found})
         return []
 
-    def usable_families(self):
-        return list(self.usable)
+    def usable_families(self, families=(socket.AF_INET, socket.AF_INET6)):
+        self.looked_at = list(families)
+        return [f for f in self.usable if f in families]
 
     def rule_keys(self, spec):
         return (spec.family, spec.local, spec.lport, spec.remote, spec.rport)

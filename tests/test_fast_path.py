@@ -392,3 +392,27 @@ def test_a_restart_after_a_version_whose_jumps_took_marked_connections_reads_the
     finally:
         for s in services:
             s.stop()
+
+
+def test_a_tracked_loopback_connection_is_not_labelled_by_the_other_hold_chain(netpair):
+    """On lo a SYN passes both hold chains, OUTPUT's and then INPUT's. A tracked client's SYN to an
+    untracked local server is held in the first; the second, holding no such port, must not label
+    it on its way in: every packet is counted by the rules. (On lo a capture may see a GSO packet cut
+    in two that netfilter saw whole, so the rules' header bytes are not the capture's: the payload
+    bounds them instead.)"""
+    p = netpair
+    svc = Service(p.a, ["lo"], LOG_FORMAT="both")
+    svc.start()
+    try:
+        start_server(p.a, "127.0.0.1", 9300)
+        client = start_client(p.a, "127.0.0.1", 9300, up=2 * MB, down=1 * MB)
+        assert svc.start_profile("lo#1", client.pid)[0] == 200
+        wait_for(lambda: "--uid-owner" in p.a.run("iptables-legacy-save", "-t", "mangle").stdout, timeout=10,
+                 what="hold rules")
+        conn = run_client(client, 1)[0]
+        wait_for(lambda: key(conn) in svc.logged("lo"), timeout=20, what="logged")
+        rec = svc.json_records("lo")[key(conn)]
+        assert rec["complete"] and rec["count_source"] == "rules", rec
+        assert rec["out_bytes"] > 2 * MB and rec["in_bytes"] > 1 * MB, rec    # the rules saw it all
+    finally:
+        svc.stop()

@@ -129,16 +129,17 @@ def test_the_fast_path_label_is_on_every_jump_once_and_set_on_syns_not_held(netp
     assert out["earlier"] == [None, ["mark", 0x10000000], ["label", 121]]
     assert out["installed"] == ["k1"]          # the pair the earlier run made is kept
     assert out["verify"] == [[], []]           # the jumps are what verify() expects
-    # In each chain's order: the queue for what is held, then the label on every other SYN.
+    # In each chain's order: the queue for what is held, then the label on every other SYN (not on lo,
+    # where a SYN passes both chains).
     hold = ([line for line in out["after"] if line.startswith("-A NETPROF_HOLD_O")]
             + [line for line in out["after"] if line.startswith("-A NETPROF_HOLD_I")])
     assert hold == [
         "-A NETPROF_HOLD_O -o eth9 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m owner --uid-owner 1000 "
         "-j NFQUEUE --queue-num 7913 --queue-bypass",
-        '-A NETPROF_HOLD_O -m connlabel --label "121" --set -j RETURN',
+        '-A NETPROF_HOLD_O ! -o lo -m connlabel --label "121" --set -j RETURN',
         "-A NETPROF_HOLD_I -i eth9 -p tcp -m tcp --dport 8080 --tcp-flags FIN,SYN,RST,ACK SYN "
         "-j NFQUEUE --queue-num 7913 --queue-bypass",
-        '-A NETPROF_HOLD_I -m connlabel --label "121" --set -j RETURN'], hold
+        '-A NETPROF_HOLD_I ! -i lo -m connlabel --label "121" --set -j RETURN'], hold
     hold6 = ([line for line in out["after6"] if line.startswith("-A NETPROF_HOLD_O")]
              + [line for line in out["after6"] if line.startswith("-A NETPROF_HOLD_I")])
     assert hold6 == hold          # IPv6 holds the same way

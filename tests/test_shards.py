@@ -129,7 +129,7 @@ def test_without_the_split_pairs_left_in_security_are_still_taken_over():
     filter_part, security_part = FakeFirewall(), FakeFirewall()
     left = spec("left", 37000)
     security_part.found = {"left"}
-    fw = ShardedFirewall(filter_part, security_part, split=False)
+    fw = ShardedFirewall(filter_part, security_part, split=False, table_made=lambda table, family: True)
     fw.setup(keep={"left": left})
     assert set(security_part.installed) == {"left"}      # counting on where it was, until removed
     security_part.counters["left"] = Counters(1, 10, 1, 10)
@@ -138,10 +138,21 @@ def test_without_the_split_pairs_left_in_security_are_still_taken_over():
     assert set(filter_part.installed) == {"new"}
     # Nothing left there at the start: the security table is given up at once.
     empty_filter, empty_security = FakeFirewall(), FakeFirewall()
-    fw = ShardedFirewall(empty_filter, empty_security, split=False)
+    fw = ShardedFirewall(empty_filter, empty_security, split=False, table_made=lambda table, family: True)
     fw.setup()
     fw.apply(add=[spec("c", 37000)])
     assert set(empty_filter.installed) == {"c"} and fw.tables == ["filter"]
+    # Made for IPv4 only (by an earlier run, say): the IPv6 one is not opened, which would make it.
+    v4_filter, v4_security = FakeFirewall(), FakeFirewall()
+    fw = ShardedFirewall(v4_filter, v4_security, split=False,
+                         table_made=lambda table, family: family == socket.AF_INET)
+    fw.setup()
+    assert v4_security.looked_at == [socket.AF_INET]
+    # Made for neither: never opened at all.
+    none_filter, none_security = FakeFirewall(), FakeFirewall()
+    fw = ShardedFirewall(none_filter, none_security, split=False, table_made=lambda table, family: False)
+    fw.setup()
+    assert not hasattr(none_security, "looked_at") and fw.tables == ["filter"]
 
 
 def test_a_lock_held_too_long_stops_the_start_instead_of_skipping_the_security_table():
