@@ -21,6 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tree_shapes as T  # noqa: E402
+from measure import rounds_argument  # noqa: E402
 
 CT = ":NPT_CT - [0:0]\n-A NPT_CT -m conntrack --ctstate INVALID -j RETURN\nCOMMIT"
 MARKED = "-m connmark --mark 0x10000000/0x10000000"
@@ -49,11 +50,7 @@ def fast_path(text, *conditions):
 
 
 def main():
-    if os.geteuid() != 0:
-        sys.exit("root only")
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    if rounds < 1:
-        sys.exit("ROUNDS must be at least 1")
+    rounds = rounds_argument(5)
     ports = random.Random(20240601).sample(range(T.PORT_LO, T.PORT_HI + 1), 5000)
     cport = next(p for p in range(45123, T.PORT_HI) if p not in set(ports))
     tree = with_conntrack(T.ruleset("E", ports))

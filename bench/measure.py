@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import sys
 import time
 from datetime import datetime
 
@@ -191,3 +192,14 @@ class NeighbourLoad:
     def by_phase(self):
         return {phase: {"mean": round(sum(v) / len(v), 1), "max": round(max(v), 1)}
                 for phase, v in self.samples.items() if v}
+
+
+def rounds_argument(default):
+    """ROUNDS, the one argument of the stand-alone experiments (jump_cost.py, layer_cost.py),
+    which need root."""
+    if os.geteuid() != 0:
+        sys.exit("root only")
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else default
+    if rounds < 1:
+        sys.exit("ROUNDS must be at least 1")
+    return rounds
