@@ -52,9 +52,9 @@ def _paired(runs, name, ref="ref"):
     return round(median(a / b for a, b in zip(runs[name], runs[ref])), 3)
 
 
-# An untracked flow is another user's (nobody's): the SYN hold, and with it the fast path's mark,
-# knows the tracked jobs' owner (root here), not their processes, so root's own untracked flows would
-# be marked and walk the rules as a tracked one does (the "tracked" rows measure that walk).
+# An untracked flow is another user's (nobody's): the SYN hold knows the tracked jobs' owner (root
+# here), not their processes, so root's own untracked flows would be held, left without the fast
+# path's label, and walk the rules as a tracked one does (the "tracked" rows measure that walk).
 OTHER_USER = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
 

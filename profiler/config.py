@@ -63,7 +63,7 @@ class Config:
     capture: str = "nflog"
     nflog_group: int = 7460
     # The conntrack label bit of the fast path (None: off): packets of connections with this label
-    # (every connection whose SYN is not held gets it) pass one rule a table instead of walking our
+    # (every connection whose SYN is not held gets it, not on lo) pass one rule a table instead of walking our
     # chains. Needs HOLD_SYNS and CONNTRACK.
     fast_path_label: Optional[int] = 121
     extra: dict = field(default_factory=dict, compare=False)

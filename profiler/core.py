@@ -32,9 +32,9 @@ LOSS_CHECK_BUDGET = 2000
 BACKGROUND_CHECK_PERIOD = 300.0
 BACKGROUND_CHECK_STEP = 10.0   # ...a slice of them this often
 # In a backlog of events, the held SYNs are committed and let go after this many, or after this
-# many seconds of work, rather than after the whole backlog; with no backlog, at once. 40 ms, not
-# 20: at 2,200 new connections a second, connect() took 147 ms (p50) instead of 268 (fewer,
-# larger commits; bench/RESULTS.md).
+# many seconds of work, rather than after the whole backlog; with no backlog, at once. Waiting
+# for a backlog (fewer, larger commits) took connect() p50 at 2,200 new connections a second from
+# 268 to 147 ms; 40 ms rather than 20: 110 against 129 ms at 2,000 (bench/RESULTS.md).
 HELD_FLUSH_COUNT = 256
 HELD_FLUSH_AFTER = 0.04
 # The garbage collector of a full table ends an accepted connection whose socket is gone only this

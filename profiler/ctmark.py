@@ -3,7 +3,7 @@
 With the fast path on, the jump from INPUT (or OUTPUT) into each of our top chains is passed over
 by packets whose conntrack entry carries one label bit (FAST_PATH_LABEL): the label says "not a
 tracked connection". The SYN hold chains (firewall.py) put it on every connection whose SYN they do
-not hold. Everything else takes the jump: a held SYN's connection, whose every packet is then
+not hold (not on lo, where a SYN passes both chains). Everything else takes the jump: a held SYN's connection, whose every packet is then
 counted, and packets with no entry at all (INVALID: an out-of-window segment, say; UNTRACKED), or
 of an entry made before the label existed (conntrack picked the connection up again after a flush,
 or it is older than the service). xt_connlabel matches an absent entry when inverted, which a

@@ -14,7 +14,7 @@ one table of connection rules, filter or security (shards.py splits the rules be
   OUTPUT and INPUT: they send the SYNs of tracked users and of tracked
   listening ports to an NFQUEUE (with --queue-bypass, so traffic flows if we
   are gone), where the service holds them until their rules are committed.
-  With the fast path their last rule labels the connection of every SYN not held.
+  With the fast path their last rule labels the connection of every SYN not held (not on lo).
 
 Every change is done while holding /run/xtables.lock, as the iptables
 commands do: python-iptables does not take the lock, and two uncoordinated

@@ -4,12 +4,12 @@ Every commit replaces a whole table, and at 5,000 connections the kernel spends 
 taking a 2 MB filter table: a held SYN waits for that. With the rules split by port block
 between filter and security (the two tables with INPUT and OUTPUT hooks that come after
 mangle, where SYNs are held), a new connection's commit replaces half as much. A packet
-walks both tables' top chains, each with the hops of its own blocks, and one mid chain and
-one leaf, as before.
+walks both tables' top chains, each with the hops of its own blocks, then two dispatch chains
+(512, then 64 ports) and one leaf in the table that has its block.
 
 A connection's rules stay in the table they were put in (or found in, after a restart)
-until they are removed. Without the security table (a kernel built without it) everything
-goes in filter.
+until they are removed. A family without the security table (a kernel built without it)
+puts all its rules in filter.
 """
 import logging
 import socket

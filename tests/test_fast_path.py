@@ -1,5 +1,5 @@
-"""The fast path (FAST_PATH_LABEL): packets of labelled connections (every one whose SYN is not held)
-pass our rules by; every other packet walks them.
+"""The fast path (FAST_PATH_LABEL): packets of labelled connections (every one whose SYN is not held,
+not on lo) pass our rules by; every other packet walks them.
 
 Every test runs the service in its namespace and checks the counts against a packet capture.
 """
