@@ -196,8 +196,7 @@ class Profiler(Attribution, Restart, Requests, FastPath):
                 if self._held_releases:
                     # Held SYNs wait for the commit: do not make them wait for the whole backlog too.
                     self._held_since = self._held_since or time.perf_counter()
-                    if (len(self._held_releases) >= HELD_FLUSH_COUNT
-                            or time.perf_counter() - (self._held_since or 0) >= HELD_FLUSH_AFTER):
+                    if self._held_due():
                         self._guard(self.flush, False, True)
             if self._unresolved:
                 self._guard(self.resolve_accepted)
@@ -208,8 +207,7 @@ class Profiler(Attribution, Restart, Requests, FastPath):
                 # Harvest when CLOSE_LINGER is up, not at the next sweep: records come half a
                 # second sooner on average, and a burst of closes is not held back for it.
                 self._guard(self._harvest_lingered, self.clock.monotonic())
-            if (stop or not self._held_releases or self._queue.empty()
-                    or time.perf_counter() - (self._held_since or 0) >= HELD_FLUSH_AFTER):
+            if stop or not self._held_releases or self._queue.empty() or self._held_due():
                 # Otherwise more events wait already: their SYNs share this commit (each rewrites
                 # the whole table), which comes HELD_FLUSH_AFTER after the first SYN at the latest.
                 self._guard(self.flush, True, True)
@@ -219,6 +217,11 @@ class Profiler(Attribution, Restart, Requests, FastPath):
             if stop:
                 self._guard(self.shutdown)
                 return
+
+    def _held_due(self):
+        """Whether the held SYNs must be committed now, whatever else waits."""
+        return (len(self._held_releases) >= HELD_FLUSH_COUNT
+                or time.perf_counter() - (self._held_since or 0) >= HELD_FLUSH_AFTER)
 
     def _guard(self, fn, *args):
         try:

@@ -18,6 +18,7 @@ Requests go out many to a datagram, raw: pyroute2's NFCTSocket took 0.87 ms a lo
 harvest asks for thousands.
 """
 import errno
+import functools
 import socket
 import struct
 from typing import NamedTuple
@@ -72,13 +73,13 @@ def _get4(seq, src, sport, dst, dport):
                       6, _CTA_PROTO_SRC_PORT, sport.to_bytes(2, "big"), 6, _CTA_PROTO_DST_PORT, dport.to_bytes(2, "big"))
 
 
-def _labels(bit):
+@functools.lru_cache(maxsize=None)
+def _clearing(bit):
+    """The attributes of an update that clears label `bit` alone: every label clear, under a mask
+    of that bit (built once: a flush clears the label of each late connection)."""
     words = [0] * (LABEL_BITS // 32)
     words[bit // 32] = 1 << (bit % 32)
-    return struct.pack("=4I", *words)
-
-
-_NO_LABELS = bytes(LABEL_BITS // 8)
+    return _attr(_CTA_LABELS, bytes(LABEL_BITS // 8)) + _attr(_CTA_LABELS_MASK, struct.pack("=4I", *words))
 
 
 def request(kind, flags, seq, conn, clear=None):
@@ -89,7 +90,7 @@ def request(kind, flags, seq, conn, clear=None):
         return _get4(seq, *conn[1:])
     body = struct.pack("=BBH", family, 0, 0) + _tuple(*conn)
     if clear is not None:
-        body += _attr(_CTA_LABELS, _NO_LABELS) + _attr(_CTA_LABELS_MASK, _labels(clear))
+        body += _clearing(clear)
     return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
 
 

@@ -310,7 +310,8 @@ def build_service(config):
     filter_part = IptablesFirewall(config.interfaces, queue_num=config.queue_num if config.hold_syns else None,
                                    nflog_groups=groups, fast_label=fast_label)
     # The same lock object: one writer, and our own commits are not taken for another program's. With
-    # RULE_TABLES = filter the security table is still looked at once, for pairs an earlier run left.
+    # RULE_TABLES = filter the security table is still looked at once, for pairs an earlier run left,
+    # if the kernel has made it (shards.py).
     firewall = ShardedFirewall(filter_part, IptablesFirewall(config.interfaces, lock=filter_part.lock, table="security",
                                                              fast_label=fast_label),
                                split=config.rule_tables == "filter security")
