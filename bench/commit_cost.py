@@ -11,10 +11,8 @@ commit(), median of 15, and prints the table's size; then the same insert and co
 xtblob.RawTable (with the summary read that precedes each). Removes the namespace on exit. Root only."""
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 NS = f"npcost{os.getpid()}"
 CYCLE = r'''

@@ -14,8 +14,15 @@ once a program opened it), the layouts run in turn round by round:
                  and POSTROUTING, the SYN hold jumps in INPUT and OUTPUT with the label rule
   +label jumps   and the fast path's jump from INPUT and OUTPUT in filter and security (the flow's
                  connection is labelled, so it passes them by): all an untracked flow meets
-Prints each run, then per layout the median and its ratio to bare's median. Every namespace it
-made is removed on exit.
+  two tables     conntrack and the label jumps in filter and security, no mangle: what would be left
+                 were the SYN holds and the capture somewhere no untracked packet passes
+  one jump       conntrack and one such jump per direction in filter, nothing else: the least any
+                 layout with rules of each tracked connection's own costs a flow (every packet must
+                 meet one rule that tells whether its connection is tracked)
+In the last two the chains jumped to label what enters them, so after its SYN the flow passes the
+jumps by, as it does the service's.
+Prints each run, then per layout the median and its ratio to bare's and to conntrack's median.
+Every namespace it made is removed on exit.
 """
 import json
 import os
@@ -45,6 +52,11 @@ LAYOUTS["+label jumps"] = LAYOUTS["+mangle rules"] + [
     f"-t {table} {rule}" for table in ("filter", "security") for rule in (
         "-N TOPI", "-N TOPO", f"-A INPUT -i IFACE -p tcp -m connlabel ! --label {LABEL} -j TOPI",
         f"-A OUTPUT -o IFACE -p tcp -m connlabel ! --label {LABEL} -j TOPO")]
+SET_LABEL = [f"-A {chain} -m connlabel --label {LABEL} --set" for chain in ("TOPI", "TOPO")]   # in filter
+LAYOUTS["two tables"] = LAYOUTS["conntrack"] + [
+    rule for rule in LAYOUTS["+label jumps"] if rule.startswith(("-t filter ", "-t security "))] + SET_LABEL
+LAYOUTS["one jump"] = LAYOUTS["conntrack"] + [
+    rule for rule in LAYOUTS["+label jumps"] if rule.startswith("-t filter ")] + SET_LABEL
 
 
 def iperf(pair):
@@ -73,9 +85,10 @@ def main():
             for name in names[r % len(names):] + names[:r % len(names)]:     # no layout always first
                 runs[name].append(iperf(pairs[name]))
                 print(f"round {r} {name:14s} {runs[name][-1]:6.2f} Gbit/s", flush=True)
-        bare = statistics.median(runs["bare"])
+        bare, ct = statistics.median(runs["bare"]), statistics.median(runs["conntrack"])
         for name in names:
-            print(f"{name:14s} {statistics.median(runs[name]):6.2f} Gbit/s, {statistics.median(runs[name]) / bare:.3f} of bare")
+            rate = statistics.median(runs[name])
+            print(f"{name:14s} {rate:6.2f} Gbit/s, {rate / bare:.3f} of bare, {rate / ct:.3f} of conntrack")
     finally:
         for pair in pairs.values():
             pair.close()

@@ -63,9 +63,10 @@ def rows(r, s):
     m = r.get("rss_at_connections")
     out.append((f"service RSS, MB ({m} tracked)", r.get("rss_mb"), None, "-", None, "-"))
     out.append((f"service RSS, MB ({n:,} tracked)", r.get(f"rss_mb_{n}"), None, "-", None, "-"))
-    for label, key in (("0", "idle_cpu_pct_0"), (f"{n:,}", f"idle_cpu_pct_{n}"), (f"{m}", "idle_cpu_pct"),
-                       (f"{m}, {s['idle_secs']} s later", "idle_cpu_pct_later")):
-        out.append((f"service idle CPU, % of a core ({label} tracked)", r.get(key), None, "-", None, "-"))
+    for label, key in (("0 tracked", "idle_cpu_pct_0"), (f"{n:,} tracked", f"idle_cpu_pct_{n}"),
+                       (f"{m} tracked, first {s['idle_secs']} s", "idle_cpu_pct_first"),
+                       (f"{m} tracked, the next {s['idle_cycle_secs']} s", "idle_cpu_pct")):
+        out.append((f"service idle CPU, % of a core ({label})", r.get(key), None, "-", None, "-"))
     out.append((f"open rate, conn/s (up to {n:,} held, 128 at once)", r.get(f"open_per_s_{n}"), None, "-", None, "-"))
     out.append((f"shutdown, s ({r.get('shutdown_connections')} live harvested)", r.get("shutdown_s"), None, "-",
                 None, "-"))

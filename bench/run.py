@@ -31,10 +31,10 @@ from report import table  # noqa: E402
 
 SCALES = {
     "quick": dict(live=[50, 300], foreign=2000, probes=40, harvest_k=200, churn_secs=4, churn_rate=2200, churn16_secs=2, ref_churn_secs=2,
-                  iperf_secs=1, iperf_reps=1, calibrate=False, rss_at=1000, idle_secs=1.5, base_probes=6, base_churn_secs=2, parallel=16,
+                  iperf_secs=1, iperf_reps=1, calibrate=False, rss_at=1000, idle_secs=1.5, idle_cycle_secs=1.5, base_probes=6, base_churn_secs=2, parallel=16,
                   drain_secs=20),
     "full": dict(live=[100, 5000], foreign=20000, probes=200, harvest_k=1000, churn_secs=30, churn_rate=2200, churn16_secs=10, ref_churn_secs=5,
-                 iperf_secs=5, iperf_reps=3, calibrate=True, rss_at=10000, idle_secs=5, base_probes=30, base_churn_secs=10, parallel=16,
+                 iperf_secs=5, iperf_reps=3, calibrate=True, rss_at=10000, idle_secs=5, idle_cycle_secs=65, base_probes=30, base_churn_secs=10, parallel=16,
                  drain_secs=120),
 }
 

@@ -11,7 +11,6 @@ ratios shape / mean(adjacent no-rule runs). Everything (namespaces, veth, iperf3
 on exit. Root only. Raw results are written to ./tree-shapes-<timestamp>.json.
 """
 import argparse
-import ctypes
 import json
 import os
 import random
