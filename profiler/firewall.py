@@ -10,8 +10,8 @@ one table of connection rules, filter or security (shards.py splits the rules be
   known by its leaf and 4-tuple; which connection id that is, we remember.
 - NETPROF_CT, never jumped to: a rule that uses conntrack is what turns
   connection tracking on in a network namespace (see conntrack.py).
-- (the filter instance only) mangle NETPROF_HOLD_O / NETPROF_HOLD_I, jumped to by new SYNs from mangle
-  OUTPUT and INPUT: they send the SYNs of tracked users and of tracked
+- (the filter instance only) mangle NETPROF_HOLD_O / NETPROF_HOLD_I, jumped to by new SYNs from the end
+  of mangle OUTPUT and INPUT: they send the SYNs of tracked users and of tracked
   listening ports to an NFQUEUE (with --queue-bypass, so traffic flows if we
   are gone), where the service holds them until their rules are committed.
   With the fast path their last rule labels the connection of every SYN not held (not on lo).
@@ -435,7 +435,9 @@ class IptablesFirewall(RawPath, CaptureRules):
                 if self.queue_num is not None:
                     for chain, builtin, inbound in ((HOLD_OUT, "OUTPUT", False), (HOLD_IN, "INPUT", True)):
                         mangle.table.create_chain(chain)
-                        mangle.chain(builtin).insert_rule(mangle.syn_rule(chain, inbound=inbound))
+                        # Last: a SYN let go from the queue skips the rest of the chain (NF_ACCEPT
+                        # goes on with the next hook), so other programs' rules come first.
+                        mangle.chain(builtin).append_rule(mangle.syn_rule(chain, inbound=inbound))
                     self._label_others(mangle)
                 self._log_rules(mangle)
         self._hold = (frozenset(), frozenset())

@@ -183,7 +183,7 @@ class RawTable:
         if len(parsed) != number:
             raise UnknownLayout(f"the {self.name} table: {len(parsed)} entries read, the kernel said {number}")
         by_offset = {at: entry for at, entry, *_ in parsed}
-        chains, chain, chain_at, index = [], None, {}, 0
+        chains, chain, chain_at = [], None, {}
         for i, (at, entry, name, verdict, data) in enumerate(parsed):
             if at in starts:
                 chain = Chain(_HOOK_NAMES[starts[at]], starts[at], None)

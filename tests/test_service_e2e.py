@@ -96,6 +96,54 @@ def test_registered_child_accepted_and_untracked(netpair, service):
     assert ours_left(p.a) == []
 
 
+def site_syns(ns, builtin, comment):
+    """SYNs counted by another program's rule in mangle `builtin`, known by its comment."""
+    out = ns.run("iptables-legacy", "-t", "mangle", "-L", builtin, "-v", "-x", "-n").stdout
+    return sum(int(line.split()[0]) for line in out.splitlines()[2:] if f"/* {comment} */" in line)
+
+
+def test_another_programs_mangle_rules_see_the_held_syns_before_the_hold(netpair):
+    """Let go from the queue (NF_ACCEPT), a held SYN skips the rest of the mangle chain it was held in.
+    Our jumps into the hold chains are appended, so the rules another program had in mangle OUTPUT and
+    INPUT when the service started see every held SYN; one appended later comes after ours and sees
+    none (README, Limits). The records are exact either way."""
+    p = netpair
+    site = lambda builtin, side, port, comment: p.a.run(  # noqa: E731
+        "iptables-legacy", "-t", "mangle", "-A", builtin, side, p.iface_a, "-p", "tcp", "--syn", "--dport", port,
+        "-m", "comment", "--comment", comment)
+    for builtin, side, port in (("OUTPUT", "-o", "9000"), ("INPUT", "-i", "9100")):
+        site(builtin, side, port, "site-before")
+    svc = Service(p.a, [p.iface_a], LOG_FORMAT="both")
+    svc.start()
+    try:
+        for builtin, side, port in (("OUTPUT", "-o", "9000"), ("INPUT", "-i", "9100")):
+            site(builtin, side, port, "site-after")
+        cap = Capture(p.a, p.iface_a)
+        start_server(p.b, p.ip_b, 9000)
+        server_a, _ = start_server(p.a, p.ip_a, 9100)
+        client = start_client(p.a, p.ip_b, 9000, up=100_000, down=200_000, count=3)
+        assert svc.start_profile("site#1", client.pid)[0] == 200
+        assert svc.start_profile("site#2", server_a.pid)[0] == 200
+        mangle = lambda: p.a.run("iptables-legacy-save", "-t", "mangle").stdout   # noqa: E731
+        wait_for(lambda: "--uid-owner" in mangle() and "--dport 9100" in mangle(), timeout=10, what="hold rules")
+        conns = run_client(client, 3)
+        inbound = run_client(start_client(p.b, p.ip_a, 9100, up=30_000, down=2_000, count=2), 2)
+        accepted = [{"local": p.ip_a, "lport": 9100, "remote": c["local"], "rport": c["lport"], "pid": server_a.pid}
+                    for c in inbound]
+        wait_logged(svc, p.iface_a, conns + accepted)
+        cap.stop()
+        seen = {comment: (site_syns(p.a, "OUTPUT", comment), site_syns(p.a, "INPUT", comment))
+                for comment in ("site-before", "site-after")}
+        assert seen == {"site-before": (3, 2), "site-after": (0, 0)}, seen
+        truth = cap.bytes()
+        assert_exact(svc, p.iface_a, truth, conns, "site#1")
+        assert_exact(svc, p.iface_a, truth, accepted, "site#2")
+        records = svc.json_records(p.iface_a)
+        assert len(records) == 5 and all(r["complete"] and r["count_source"] == "rules" for r in records.values())
+    finally:
+        svc.stop()
+
+
 def test_ipv6_exact(netpair, service):
     p = netpair
     p.a.run("ping", "-6", "-c1", "-W2", p.ip6_b, check=False)   # neighbour discovery first
