@@ -9,10 +9,10 @@ Facts this relies on (kernel 6.18, iptables-legacy, NetfilterQueue 1.1.0):
   a counting rule inserted while its SYN was held counts that SYN.
 * Accepted, a SYN skips the rest of the mangle chain it was held in: the
   jumps into our hold chains are appended (firewall.py), so the rules other
-  programs had there when the service started see every SYN first.  (An
-  NF_REPEAT that labels the connection through NFQA_CT would let it walk the
-  rest, but this kernel is built without CONFIG_NETFILTER_NETLINK_GLUE_CT,
-  which NFQA_CT needs.)
+  programs had there when the service started see every SYN first.  (NF_REPEAT
+  walks the whole chain again from the top, and the repeated SYN would need a
+  mark of its own to pass our hold: a label set through NFQA_CT, which needs
+  CONFIG_NETFILTER_NETLINK_GLUE_CT, not built into this kernel.)
 * `--queue-bypass`: with no program bound to the queue, packets pass as if the
   rule were not there.  When the bound program dies (or unbinds), the kernel
   DROPS the packets it still holds; the client retransmits its SYN after the
