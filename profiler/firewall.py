@@ -302,6 +302,7 @@ class IptablesFirewall(RawPath, CaptureRules):
         # watch's generation then: read again only when another program may have changed it.
         self._raw = {}
         self._pair_keys = {}    # cid -> _keys() of an installed pair
+        self._survivors = {}    # cid -> Counters of the rule left of a pair verify() found halved
         self._placed = {}       # family -> (RawTable, {cid: [(leaf, Entry, inbound)]}) of rules put in it
         self._watch = None
         self._no_raw = set()    # families whose table xtblob cannot read: libiptc does it all
@@ -812,6 +813,12 @@ class IptablesFirewall(RawPath, CaptureRules):
                     raise FirewallError(f"cannot read counters: {exc}") from None
         return result
 
+    def take_survivors(self):
+        """{cid: Counters} that the rule left of each pair verify() found half removed had counted
+        when the repair replaced the pair, handed over once."""
+        out, self._survivors = self._survivors, {}
+        return out
+
     def verify(self, full=True):
         """Find what another program did to our chains, and repair it.
 
@@ -847,7 +854,9 @@ class IptablesFirewall(RawPath, CaptureRules):
                 missing |= broken
                 half = {cid for cid in broken if counts.get(cid)}
                 if half:
-                    self._counters(fam, half, delete=True)
+                    # The rule left counted its direction up to now: its count goes on in the record.
+                    for cid, counters in self._counters(fam, half, delete=True).items():
+                        self._survivors[cid] = counters + self._survivors.get(cid)
                 existing, jumps = _ChainSet(fam.table), {}
                 for cid in broken:
                     self._insert_pair(fam, expected[cid], existing, jumps)

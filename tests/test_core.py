@@ -454,6 +454,25 @@ def test_rules_removed_by_another_program_make_the_record_incomplete(env):
     assert rec["complete"] is False and "another program" in rec["note"]
 
 
+def test_what_the_rule_left_of_a_halved_pair_counted_goes_on_in_the_record(env):
+    prof, fw, procs, socks, sink, clock = env
+    register(prof, procs, inodes={11})
+    socks.connect(L, 5000, R, 80, inode=11)
+    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
+    prof.flush()
+    cid = next(iter(fw.installed))
+    fw.halved = {cid: Counters(0, 0, 40, 4000, in_rules=0, out_rules=1)}     # its outbound rule was left
+    prof.verify_rules()
+    fw.halved = {cid: Counters(0, 0, 2, 200, in_rules=0, out_rules=1)}      # and once more, later
+    prof.verify_rules()
+    fw.counters[cid] = Counters(3, 180, 5, 500)                               # the pair the repair put in
+    [live] = prof.req_job("job#1")["connections"]                              # while it is open, too
+    assert (live["out_bytes"], live["complete"]) == (4700, False), live
+    rec = prof.req_end_job("job#1")["connections"][0]
+    assert (rec["in_bytes"], rec["out_bytes"], rec["out_packets"]) == (180, 4700, 47)
+    assert rec["complete"] is False and "count until the repair is kept" in rec["note"]
+
+
 class LookupCountingSockets(FakeSockets):
     def __init__(self):
         super().__init__()

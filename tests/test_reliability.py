@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from harness import Capture, Service, finish_upload, key, run_client, start_client, start_server, start_upload
+from harness import (Capture, Service, compare, finish_upload, key, run_client, start_client, start_server,
+                     start_upload)
 from nstools import wait_for
 from profiler.chains import chain_info, outdated
 
@@ -191,6 +192,37 @@ def test_rules_changed_by_another_program_are_repaired_and_counted(netpair, inte
             assert rec["source"] == "conntrack"
         else:
             assert "removed by another program" in rec["note"]
+    finally:
+        svc.stop()
+
+
+def test_the_rule_left_of_a_pair_another_program_halved_keeps_its_count(netpair):
+    """Another program deletes the inbound rule of a live upload's pair. The repair puts a new pair in;
+    what the outbound rule had counted until then goes on in the record, so the upload's bytes are
+    exact, while the ACKs that passed with no rule are missing and the record says so. Conntrack is
+    off: nothing else could fill the record in."""
+    p = netpair
+    svc = Service(p.a, [p.iface_a], VERIFY_INTERVAL=0.2, CONNTRACK="no", LOG_FORMAT="both")
+    try:
+        svc.start()
+        cap = Capture(p.a, p.iface_a)
+        client = start_upload(svc, p, "halved", 30 * MB, 15 * MB, 5 * MB)
+        rules = [(table, line) for table in ("filter", "security")
+                 for line in p.a.run("iptables-legacy-save", "-t", table).stdout.splitlines()
+                 if line.startswith("-A NETPROF_I") and f"-s {p.ip_b}/32" in line and "--sport 9000" in line]
+        assert len(rules) == 1, rules
+        table, line = rules[0]
+        p.a.run("iptables-legacy", "-w", "-t", table, "-D", *line.split()[1:])
+        wait_for(lambda: "repaired" in svc.output(), timeout=10, what="repair")
+        conn = finish_upload(client)
+        wait_for(lambda: key(conn) in svc.logged(p.iface_a), timeout=20, what="logged")
+        cap.stop()
+        [(_, out_got, out_truth, _), (_, in_got, in_truth, _)] = compare(svc.logged(p.iface_a), cap.bytes(), conn)
+        assert out_truth > 25 * MB
+        assert out_got == out_truth, (out_got, out_truth)          # before and after the repair, every byte
+        assert 0 < in_got < in_truth, (in_got, in_truth)            # the ACKs of the gap went uncounted
+        rec = svc.json_records(p.iface_a)[key(conn)]
+        assert rec["complete"] is False and "count until the repair is kept" in rec["note"], rec
     finally:
         svc.stop()
 
