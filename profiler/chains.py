@@ -80,13 +80,6 @@ class Counters:
     def one_side_missing(self):
         return self.in_rules == 0 or self.out_rules == 0
 
-    def __add__(self, other):
-        """The two counts summed (rules read: not known); `other` may be None."""
-        if other is None:
-            return Counters(self.in_packets, self.in_bytes, self.out_packets, self.out_bytes)
-        return Counters(self.in_packets + other.in_packets, self.in_bytes + other.in_bytes,
-                        self.out_packets + other.out_packets, self.out_bytes + other.out_bytes)
-
 
 @dataclass(frozen=True)
 class Hop:

@@ -620,8 +620,6 @@ class Profiler(Attribution, Restart, Requests, FastPath):
         elif counters.one_side_missing:
             complete = False
             note = note or "one of its two rules was removed by another program"
-        if conn.carried is not None:
-            counters = counters + conn.carried
         if not complete and self.conntrack is not None and self._ct_can_complete(conn):
             ct = self._conntrack_counts(conn)
             if ct is not None and ct.in_bytes >= counters.in_bytes and ct.out_bytes >= counters.out_bytes:
@@ -801,15 +799,19 @@ class Profiler(Attribution, Restart, Requests, FastPath):
         self.stats["repairs"] = self.stats.get("repairs", 0) + 1
         log.warning("our netfilter rules were changed by another program and are repaired: %s",
                     "; ".join(fixes))
-        survivors = self.firewall.take_survivors()
-        for conn in self.conns.values():
-            if conn.cid in missing:
-                conn.incomplete_reason = ("its rules were removed or bypassed by another program; counted again "
-                                          "from the repair")
-            if conn.cid in survivors:
-                conn.carried = survivors[conn.cid] + conn.carried
-                conn.incomplete_reason = ("one of its two rules was removed by another program: the other's count "
-                                          "until the repair is kept, the removed direction counted again from it")
+        # Those already harvested but whose rules are not removed yet too: their record is still to come.
+        affected = [c for c in list(self.conns.values()) + [c for c, _ in self._pending_remove.values()]
+                    if c.cid in missing]
+        for conn in affected:
+            conn.incomplete_reason = ("its rules were removed or bypassed by another program; counted again "
+                                      "from the repair")
+        if affected and self.store is not None:
+            # Durable: after a restart their rules, repaired, would otherwise read as complete.
+            try:
+                with self.store.batch():
+                    self.store.put_connections(affected)
+            except Exception:
+                log.exception("cannot write the durable state")
         if any(CAPTURE_REPAIRED in fix for fix in fixes):
             # SYNs, FINs and RSTs passed unseen while the capture's rules were gone: look at every socket.
             self._loss_check_left = len(self.conns)

@@ -302,7 +302,6 @@ class IptablesFirewall(RawPath, CaptureRules):
         # watch's generation then: read again only when another program may have changed it.
         self._raw = {}
         self._pair_keys = {}    # cid -> _keys() of an installed pair
-        self._survivors = {}    # cid -> Counters of the rule left of a pair verify() found halved
         self._placed = {}       # family -> (RawTable, {cid: [(leaf, Entry, inbound)]}) of rules put in it
         self._watch = None
         self._no_raw = set()    # families whose table xtblob cannot read: libiptc does it all
@@ -578,9 +577,10 @@ class IptablesFirewall(RawPath, CaptureRules):
                             return "mark", int(m.parameters["mark"].split("/")[0], 16)
         return None
 
-    def _insert_pair(self, fam, spec, existing, jumps):
-        """The two rules of a connection, in their leaves, creating the path to them as needed."""
-        for direction in ("I", "O"):
+    def _insert_pair(self, fam, spec, existing, jumps, directions="IO"):
+        """The two rules of a connection (or those of `directions`), in their leaves, creating the
+        path to them as needed."""
+        for direction in directions:
             hops, leaf = path(spec, direction)
             for hop in hops:
                 if hop.target not in existing:
@@ -813,12 +813,6 @@ class IptablesFirewall(RawPath, CaptureRules):
                     raise FirewallError(f"cannot read counters: {exc}") from None
         return result
 
-    def take_survivors(self):
-        """{cid: Counters} that the rule left of each pair verify() found half removed had counted
-        when the repair replaced the pair, handed over once."""
-        out, self._survivors = self._survivors, {}
-        return out
-
     def verify(self, full=True):
         """Find what another program did to our chains, and repair it.
 
@@ -844,22 +838,22 @@ class IptablesFirewall(RawPath, CaptureRules):
                     # Packets passed around our chains: every connection of this family missed some.
                     fixes += structural
                     missing |= set(expected)
-                counts = {}
+                counts, present = {}, set()
                 for name in self._leaves(fam):
                     for key, _, _ in self._raw_rules(fam, name):
                         cid = self._owner.get((family, name, key)) if key is not None else None
                         if cid is not None:
                             counts[cid] = counts.get(cid, 0) + 1
+                            present.add((family, name, key))
                 broken = {cid for cid in expected if counts.get(cid, 0) != 2}
                 missing |= broken
-                half = {cid for cid in broken if counts.get(cid)}
-                if half:
-                    # The rule left counted its direction up to now: its count goes on in the record.
-                    for cid, counters in self._counters(fam, half, delete=True).items():
-                        self._survivors[cid] = counters + self._survivors.get(cid)
                 existing, jumps = _ChainSet(fam.table), {}
                 for cid in broken:
-                    self._insert_pair(fam, expected[cid], existing, jumps)
+                    # Only what is gone is put back: the rule left of a halved pair keeps counting,
+                    # and libiptc's commit carries its counters over.
+                    gone = [d for d, k in zip("IO", self._keys(expected[cid])) if k not in present]
+                    if gone:
+                        self._insert_pair(fam, expected[cid], existing, jumps, directions=gone)
             # Only now: this cycle's own check of the summary saw the same foreign change again.
             self._foreign.discard(key)
         if missing:

@@ -65,8 +65,6 @@ class Connection:
     inode: int = 0           # its socket, once seen held by the process (0: not seen)
     # Its conntrack entry was made mid-stream (fast path: after a flush): its count misses the start.
     ct_unusable: bool = False
-    # What the rule left of a pair another program halved had counted until the repair (verify).
-    carried: object = None       # a chains.Counters
 
     @property
     def key(self):

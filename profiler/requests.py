@@ -138,9 +138,7 @@ class Requests:
         out = []
         for conn in conns:
             c = counters.get(conn.cid, Counters())
-            if conn.carried is not None:
-                c = c + conn.carried
-            exact = conn.rules_before_first_packet and conn.cid in counters and not conn.incomplete_reason
+            exact = conn.rules_before_first_packet and conn.cid in counters
             out.append(self._make_record(conn, c, exact, "rules", "open: counted so far", reason="open",
                                          open_now=True))
         return out

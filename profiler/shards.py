@@ -196,12 +196,6 @@ class ShardedFirewall:
             missing |= m
         return fixes, missing
 
-    def take_survivors(self):
-        out = {}
-        for part in self._parts:
-            out.update(part.take_survivors())
-        return out
-
     def set_hold(self, uids, ports):
         self.primary.set_hold(uids, ports)
 

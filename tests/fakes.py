@@ -17,8 +17,6 @@ class FakeFirewall:
         self.fail_next = False
         self.order = []          # ("commit", cids) / ("release", n) to check ordering
         self.removed_by_other = set()
-        self.halved = {}         # cid -> Counters the rule another program left of its pair had counted
-        self._survivors = {}
         self.group_of = lambda spec: spec.family     # which specs share a commit (one table)
         self.partial = None      # (done cids, harvested) for the next apply to raise PartialChange with
         self.found = set()       # cids whose rules setup() finds in place
@@ -83,14 +81,9 @@ class FakeFirewall:
         return {s.cid: self.counters.get(s.cid, Counters()) for s in specs if s.cid in self.installed}
 
     def verify(self, full=True):
-        gone = {cid for cid in self.removed_by_other | set(self.halved) if cid in self.installed}
-        self._survivors.update({cid: c for cid, c in self.halved.items() if cid in self.installed})
-        self.removed_by_other, self.halved = set(), {}
+        gone = {cid for cid in self.removed_by_other if cid in self.installed}
+        self.removed_by_other = set()
         return ([f"{len(gone)} connections' rules were removed"] if gone else []), gone
-
-    def take_survivors(self):
-        out, self._survivors = self._survivors, {}
-        return out
 
     def earlier_fast_path(self):
         return None        # no earlier run's fast path

@@ -454,23 +454,26 @@ def test_rules_removed_by_another_program_make_the_record_incomplete(env):
     assert rec["complete"] is False and "another program" in rec["note"]
 
 
-def test_what_the_rule_left_of_a_halved_pair_counted_goes_on_in_the_record(env):
-    prof, fw, procs, socks, sink, clock = env
-    register(prof, procs, inodes={11})
-    socks.connect(L, 5000, R, 80, inode=11)
-    prof.on_held_syns([(HeldSynStub(socket.AF_INET, L, 5000, R, 80), lambda: None)])
-    prof.flush()
-    cid = next(iter(fw.installed))
-    fw.halved = {cid: Counters(0, 0, 40, 4000, in_rules=0, out_rules=1)}     # its outbound rule was left
+def test_a_repair_marks_the_connection_incomplete_durably_and_a_harvested_one_still_to_be_removed(tmp_path):
+    """The mark survives a restart (the repaired rules would read as complete), and a connection whose
+    record waits for its rules' removal gets it too."""
+    from profiler.store import StateStore
+    fw, procs, socks, sink, clock = FakeFirewall(), FakeProcesses(), FakeSockets(), ListSink(), FakeClock()
+    config = Config(interfaces=("eth9",), rules_threshold=1000, close_linger=1.0, sweep_interval=0.5)
+    store = StateStore(str(tmp_path / "state.db"))
+    prof = Profiler(config, fw, procs, socks, sink, clock, store=store)
+    register(prof, procs, inodes={11, 12})
+    open_conn(prof, socks, 5000, 11)
+    open_conn(prof, socks, 5001, 12)
+    by_port = {spec.lport: cid for cid, spec in fw.installed.items()}
+    [waiting] = [k for k, c in prof.conns.items() if c.lport == 5001]
+    prof._pending_remove[by_port[5001]] = (prof.conns.pop(waiting), fw.installed[by_port[5001]])
+    fw.removed_by_other = set(by_port.values())
     prof.verify_rules()
-    fw.halved = {cid: Counters(0, 0, 2, 200, in_rules=0, out_rules=1)}      # and once more, later
-    prof.verify_rules()
-    fw.counters[cid] = Counters(3, 180, 5, 500)                               # the pair the repair put in
-    [live] = prof.req_job("job#1")["connections"]                              # while it is open, too
-    assert (live["out_bytes"], live["complete"]) == (4700, False), live
-    rec = prof.req_end_job("job#1")["connections"][0]
-    assert (rec["in_bytes"], rec["out_bytes"], rec["out_packets"]) == (180, 4700, 47)
-    assert rec["complete"] is False and "count until the repair is kept" in rec["note"]
+    assert all("another program" in c.incomplete_reason for c, _ in prof._pending_remove.values())
+    [saved] = [c for c in store.load()[2] if c["cid"] == by_port[5000]]
+    assert "another program" in saved["incomplete_reason"]
+    store.close()
 
 
 class LookupCountingSockets(FakeSockets):
