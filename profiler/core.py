@@ -803,8 +803,8 @@ class Profiler(Attribution, Restart, Requests, FastPath):
         affected = [c for c in list(self.conns.values()) + [c for c, _ in self._pending_remove.values()]
                     if c.cid in missing]
         for conn in affected:
-            conn.incomplete_reason = ("its rules were removed or bypassed by another program; counted again "
-                                      "from the repair")
+            conn.incomplete_reason = ("its rules (both, or one of them) were removed or bypassed by another "
+                                      "program: what they would have counted until the repair is missing")
         if affected and self.store is not None:
             # Durable: after a restart their rules, repaired, would otherwise read as complete.
             try:

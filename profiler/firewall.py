@@ -647,6 +647,10 @@ class IptablesFirewall(RawPath, CaptureRules):
         template = self._fam(spec.family).template
         return [(spec.family, leaf, template.key(*t)) for leaf, t in spec.tuples()]
 
+    def _pair_keys_of(self, cid, spec):
+        """_keys() of an installed pair, remembered since it was installed."""
+        return self._pair_keys.get(cid) or self._keys(spec)
+
     def _own(self, spec, keys=None):
         keys = keys or self._keys(spec)
         self._pair_keys[spec.cid] = keys      # computed once: they are asked for at each change
@@ -838,22 +842,16 @@ class IptablesFirewall(RawPath, CaptureRules):
                     # Packets passed around our chains: every connection of this family missed some.
                     fixes += structural
                     missing |= set(expected)
-                counts, present = {}, set()
-                for name in self._leaves(fam):
-                    for key, _, _ in self._raw_rules(fam, name):
-                        cid = self._owner.get((family, name, key)) if key is not None else None
-                        if cid is not None:
-                            counts[cid] = counts.get(cid, 0) + 1
-                            present.add((family, name, key))
-                broken = {cid for cid in expected if counts.get(cid, 0) != 2}
-                missing |= broken
+                present = {(family, name, rule_key) for name in self._leaves(fam)
+                           for rule_key, _, _ in self._raw_rules(fam, name) if rule_key is not None}
                 existing, jumps = _ChainSet(fam.table), {}
-                for cid in broken:
+                for cid, spec in expected.items():
                     # Only what is gone is put back: the rule left of a halved pair keeps counting,
-                    # and libiptc's commit carries its counters over.
-                    gone = [d for d, k in zip("IO", self._keys(expected[cid])) if k not in present]
+                    # and libiptc's commit carries its counters over. (A copy more is harmless.)
+                    gone = [d for d, k in zip("IO", self._pair_keys_of(cid, spec)) if k not in present]
                     if gone:
-                        self._insert_pair(fam, expected[cid], existing, jumps, directions=gone)
+                        missing.add(cid)
+                        self._insert_pair(fam, spec, existing, jumps, directions=gone)
             # Only now: this cycle's own check of the summary saw the same foreign change again.
             self._foreign.discard(key)
         if missing:

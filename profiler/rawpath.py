@@ -25,8 +25,8 @@ RAW_MAX_AGE = 10.0
 
 def _add_count(found, cid, inbound, packets, nbytes):
     """One rule's counters into found[cid]. Summed: should a connection have two rules in one
-    direction (a repair or a restart put one back beside a survivor), a packet RETURNs from the
-    first it matches, so each counted byte is in exactly one of them."""
+    direction (another program copied one, or a restart put one back beside a survivor), a packet
+    RETURNs from the first it matches, so each counted byte is in exactly one of them."""
     c = found.get(cid, Counters(in_rules=0, out_rules=0))
     found[cid] = (Counters(c.in_packets + packets, c.in_bytes + nbytes, c.out_packets, c.out_bytes,
                            c.in_rules + 1, c.out_rules) if inbound
@@ -104,17 +104,17 @@ class RawPath:
                             jumps[hop.chain] = set(raw.jumps(hop.chain))
                         if hop.target not in jumps[hop.chain]:
                             return False
-            counts = {}
+            present = set()
             template = fam.template
             for c in raw.chains:
                 if (chain_info(c.name) or ("",))[0] != "leaf":
                     continue
                 for e in c.rules:
                     k = template.key_of(e.raw)
-                    cid = self._owner.get((fam.family, c.name, k)) if k is not None else None
-                    if cid is not None:
-                        counts[cid] = counts.get(cid, 0) + 1
-            return all(counts.get(cid, 0) == 2 for cid in expected)
+                    if k is not None:
+                        present.add((fam.family, c.name, k))
+            # Each rule of each pair where it belongs (a copy more is harmless: _add_count sums).
+            return all(k in present for cid, spec in expected.items() for k in self._pair_keys_of(cid, spec))
 
     def _apply_raw(self, fam, adds, gone):
         """apply() for one family on the table kept from our last commit: the kernel is asked for

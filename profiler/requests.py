@@ -138,7 +138,8 @@ class Requests:
         out = []
         for conn in conns:
             c = counters.get(conn.cid, Counters())
-            exact = conn.rules_before_first_packet and conn.cid in counters
+            exact = (conn.rules_before_first_packet and conn.cid in counters and not conn.incomplete_reason
+                     and not c.one_side_missing)
             out.append(self._make_record(conn, c, exact, "rules", "open: counted so far", reason="open",
                                          open_now=True))
         return out

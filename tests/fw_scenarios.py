@@ -62,6 +62,37 @@ def leftovers_and_upgrade():
     return out
 
 
+def halved_and_copied_pairs():
+    """Another program deletes one rule of a pair, copies one of another, and turns a third into two
+    inbound rules: verify puts back only the missing rules, keeps every counter, and leaves a copy
+    alone (both copies count, summed)."""
+    fw = IptablesFirewall([IFACE])
+    fw.setup()
+    # In leaves of their own (64 ports each): set_counters() rewrites the first rule of a leaf.
+    halved, copied, doubled = spec("halved", 40001), spec("copied", 40101), spec("doubled", 40201)
+    fw.apply(add=[halved, copied, doubled])
+    for s_ in (halved, copied, doubled):
+        set_counters(s_, "I", 5, 500)
+        set_counters(s_, "O", 7, 700)
+
+    def delete(s_, direction):
+        leaf, port = path(s_, direction)[1], f"--{'d' if direction == 'I' else 's'}port {s_.lport} "
+        [line] = [x for x in subprocess.run(["iptables-legacy-save", "-t", "filter"], capture_output=True,
+                                            text=True).stdout.splitlines()
+                  if x.startswith(f"-A {leaf} ") and port in x + " "]
+        subprocess.run(["iptables-legacy", "-w", "-D", *line.split()[1:]], check=True)
+
+    delete(halved, "I")
+    set_counters(copied, "O", 1, 100, insert=True)                   # a copy beside the original
+    delete(doubled, "O")
+    set_counters(doubled, "I", 2, 200, insert=True)                  # two inbound rules, no outbound
+    out = {"fixes": fw.verify(full=True), "again": fw.verify(full=True),
+           "read": {cid: [c.in_packets, c.in_bytes, c.out_packets, c.out_bytes]
+                    for cid, c in fw.read([halved, copied, doubled]).items()}}
+    fw.teardown()
+    return out
+
+
 def stale_pair_with_a_reused_4_tuple():
     """The profiler gave up removing a pair; a new connection gets its 4-tuple: the stale pair is
     read and removed in the same commit, and the new connection's counts are its own."""

@@ -471,8 +471,14 @@ def test_a_repair_marks_the_connection_incomplete_durably_and_a_harvested_one_st
     fw.removed_by_other = set(by_port.values())
     prof.verify_rules()
     assert all("another program" in c.incomplete_reason for c, _ in prof._pending_remove.values())
-    [saved] = [c for c in store.load()[2] if c["cid"] == by_port[5000]]
-    assert "another program" in saved["incomplete_reason"]
+    saved = {c["cid"]: c["incomplete_reason"] for c in store.load()[2]}
+    assert set(saved) == set(by_port.values()) and all("another program" in r for r in saved.values())
+    [live] = prof.req_job("job#1")["connections"]          # the open one: not exact any more
+    assert live["lport"] == 5000 and live["complete"] is False
+    prof.flush()                                           # the waiting one's rules go, its record is written
+    assert [c["cid"] for c in store.load()[2]] == [by_port[5000]]
+    [rec] = [r for r in sink.records if r.lport == 5001]
+    assert not rec.complete and "another program" in rec.note
     store.close()
 
 

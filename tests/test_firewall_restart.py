@@ -77,6 +77,16 @@ def test_a_change_that_fails_halfway_leaves_nothing_behind(netpair):
     assert out["fixes"] == [[], []]
 
 
+def test_verify_puts_back_only_missing_rules_and_leaves_copies_alone(netpair):
+    out = scenario(netpair.a, "halved_and_copied_pairs")
+    # The halved pair and the one with no outbound rule are repaired; the copy is not a fault.
+    assert out["fixes"] == [["2 connections' rules were removed or bypassed"], ["doubled", "halved"]], out
+    assert out["again"] == [[], []]                      # nothing left to repair
+    assert out["read"] == {"halved": [0, 0, 7, 700],     # the rule left kept its count; the new one from 0
+                           "copied": [5, 500, 8, 800],   # both outbound copies, summed
+                           "doubled": [7, 700, 0, 0]}, out["read"]
+
+
 @pytest.mark.parametrize("movable", [True, False], ids=["moved", "stranded"])
 def test_an_upgrade_from_the_two_level_layout_keeps_every_count(netpair, movable):
     out = scenario(netpair.a, "upgrade_from_the_two_level_layout", **({} if movable else {"STRANDED": "1"}))

@@ -199,7 +199,7 @@ def test_rules_changed_by_another_program_are_repaired_and_counted(netpair, inte
 def test_the_rule_left_of_a_pair_another_program_halved_keeps_counting(netpair):
     """Another program deletes the inbound rule of a live upload's pair. The repair puts that rule back
     and leaves the outbound one, which counted on (its counters carried through the commit), so the
-    upload's bytes are exact, while the ACKs that passed with no rule are missing and the record says
+    upload's bytes are exact, while the inbound bytes until the repair are missing and the record says
     so. Conntrack is off: nothing else could fill the record in."""
     p = netpair
     svc = Service(p.a, [p.iface_a], VERIFY_INTERVAL=0.2, CONNTRACK="no", LOG_FORMAT="both")
@@ -220,7 +220,7 @@ def test_the_rule_left_of_a_pair_another_program_halved_keeps_counting(netpair):
         [(_, out_got, out_truth, _), (_, in_got, in_truth, _)] = compare(svc.logged(p.iface_a), cap.bytes(), conn)
         assert out_truth > 25 * MB
         assert out_got == out_truth, (out_got, out_truth)          # before, during and after the repair
-        assert 0 < in_got < in_truth, (in_got, in_truth)            # the ACKs of the gap went uncounted
+        assert 0 < in_got < in_truth, (in_got, in_truth)            # inbound, what passed before the repair is not
         rec = svc.json_records(p.iface_a)[key(conn)]
         assert rec["complete"] is False and "removed or bypassed by another program" in rec["note"], rec
     finally:
