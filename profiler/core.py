@@ -488,6 +488,13 @@ class Profiler(Attribution, Restart, Requests, FastPath):
         except FirewallError as exc:
             log.error("cannot update the SYN hold rules: %s", exc)
 
+    def _save_connections(self, conns):
+        """Their state into the store now (an incomplete mark a crash must not erase)."""
+        try:
+            self._persist(new_conns=conns)
+        except Exception:
+            log.exception("cannot write the durable state")
+
     def _persist(self, new_conns=(), gone_conns=()):
         """One transaction: what must be durable before the rules of `new_conns` are installed."""
         if self.store is None:
@@ -805,13 +812,9 @@ class Profiler(Attribution, Restart, Requests, FastPath):
         for conn in affected:
             conn.incomplete_reason = ("its rules (both, or one of them) were removed or bypassed by another "
                                       "program: what they would have counted until the repair is missing")
-        if affected and self.store is not None:
+        if affected:
             # Durable: after a restart their rules, repaired, would otherwise read as complete.
-            try:
-                with self.store.batch():
-                    self.store.put_connections(affected)
-            except Exception:
-                log.exception("cannot write the durable state")
+            self._save_connections(affected)
         if any(CAPTURE_REPAIRED in fix for fix in fixes):
             # SYNs, FINs and RSTs passed unseen while the capture's rules were gone: look at every socket.
             self._loss_check_left = len(self.conns)

@@ -114,14 +114,10 @@ class FastPath:
                 for conn in exact:
                     conn.incomplete_reason = conn.incomplete_reason or UNREAD.format(why)
                 flagged = exact
-        if flagged and self.store is not None:
+        if flagged:
             # Durable before the label is cleared, which erases the evidence: another crash before
             # their harvest must not make them complete.
-            try:
-                with self.store.batch():
-                    self.store.put_connections(flagged)
-            except Exception:
-                log.exception("cannot write the durable state")
+            self._save_connections(flagged)
         if self.labels is None:
             return
         try:

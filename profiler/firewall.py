@@ -647,10 +647,6 @@ class IptablesFirewall(RawPath, CaptureRules):
         template = self._fam(spec.family).template
         return [(spec.family, leaf, template.key(*t)) for leaf, t in spec.tuples()]
 
-    def _pair_keys_of(self, cid, spec):
-        """_keys() of an installed pair, remembered since it was installed."""
-        return self._pair_keys.get(cid) or self._keys(spec)
-
     def _own(self, spec, keys=None):
         keys = keys or self._keys(spec)
         self._pair_keys[spec.cid] = keys      # computed once: they are asked for at each change
@@ -848,7 +844,7 @@ class IptablesFirewall(RawPath, CaptureRules):
                 for cid, spec in expected.items():
                     # Only what is gone is put back: the rule left of a halved pair keeps counting,
                     # and libiptc's commit carries its counters over. (A copy more is harmless.)
-                    gone = [d for d, k in zip("IO", self._pair_keys_of(cid, spec)) if k not in present]
+                    gone = [d for d, k in zip("IO", self._pair_keys[cid]) if k not in present]
                     if gone:
                         missing.add(cid)
                         self._insert_pair(fam, spec, existing, jumps, directions=gone)

@@ -114,7 +114,7 @@ class RawPath:
                     if k is not None:
                         present.add((fam.family, c.name, k))
             # Each rule of each pair where it belongs (a copy more is harmless: _add_count sums).
-            return all(k in present for cid, spec in expected.items() for k in self._pair_keys_of(cid, spec))
+            return all(k in present for cid in expected for k in self._pair_keys[cid])
 
     def _apply_raw(self, fam, adds, gone):
         """apply() for one family on the table kept from our last commit: the kernel is asked for
